@@ -1,0 +1,374 @@
+"""Datasets held in memory as uint8 tensors, batch augmentation, and the client partitioners.
+
+Data is found in this order (SPEC section 1): --datadir in torchvision's layouts (or flat IDX
+files for Fashion-MNIST); for Fashion-MNIST the Debian package `dataset-fashion-mnist`
+(/usr/share/datasets/fashion-mnist/); a torchvision download when the machine is online.
+
+Partitions (SPEC section 2) use numpy's legacy global RNG, seeded by the caller, and give the
+same client index lists as the NIID-Bench lineage for the same seed.
+
+Run as a script to inspect a partition without training:
+    python cvdataset.py --dataset fashionmnist --partition noniid --beta 0.1 --n_parties 10 --json
+"""
+import gzip
+import json
+import os
+import pickle
+import random
+import re
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from utils import UsageError
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+NORMALISATION = {
+    "fashionmnist": ((0.5,), (0.5,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)),
+    "cifar100": ((0.50708, 0.48655, 0.44092), (0.26733, 0.25644, 0.27615)),
+}
+NUM_CLASSES = {"fashionmnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+@dataclass
+class Dataset:
+    """A whole dataset in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+    mean: tuple
+    std: tuple
+
+    @property
+    def image_shape(self):
+        return tuple(self.train_images.shape[1:])
+
+
+# ----------------------------------------------------------------------------- file formats
+
+def read_idx(path):
+    """Read an IDX file (optionally gzipped): magic 0x00000801 labels, 0x00000803 images."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UsageError(f"cannot read {path}: {e} (re-download or reinstall the data)")
+    if len(raw) < 8 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] not in (1, 3):
+        raise UsageError(f"{path} is not an IDX file (bad magic number); re-download it")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    header = 4 + 4 * ndim
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise UsageError(f"{path} is truncated or corrupt ({len(raw) - header} bytes of data, "
+                         f"{expected} expected); re-download it")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def find_fashion_mnist_files(folder):
+    """The four IDX files in `folder`, gzipped or not, or None if any is missing."""
+    stems = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+    found = {}
+    for key, stem in stems.items():
+        for name in (stem, stem + ".gz"):
+            if os.path.isfile(os.path.join(folder, name)):
+                found[key] = os.path.join(folder, name)
+                break
+        else:
+            return None
+    return found
+
+
+def load_fashion_mnist_files(files):
+    arrays = {k: read_idx(p) for k, p in files.items()}
+    for split in ("train", "test"):
+        if arrays[f"{split}_images"].shape[0] != arrays[f"{split}_labels"].shape[0]:
+            raise UsageError(f"{files[split + '_images']}: image and label counts differ; re-download the data")
+    return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
+
+
+def unpickle(path):
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f, encoding="bytes")
+    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise UsageError(f"cannot read CIFAR batch {path}: {e} (re-download the data)")
+
+
+def cifar_arrays(batches, label_key):
+    """Concatenate torchvision-format CIFAR pickles: b'data' (N, 3072) uint8, labels list."""
+    images, labels = [], []
+    for batch in batches:
+        data = batch.get(b"data", batch.get("data"))
+        label = batch.get(label_key, batch.get(label_key.decode()))
+        if data is None or label is None:
+            raise UsageError(f"CIFAR batch lacks 'data' or '{label_key.decode()}'; re-download the data")
+        images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(label, dtype=np.int64))
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def load_cifar_folder(name, folder):
+    if name == "cifar10":
+        train = [unpickle(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
+        test = [unpickle(os.path.join(folder, "test_batch"))]
+        key = b"labels"
+    else:
+        train = [unpickle(os.path.join(folder, "train"))]
+        test = [unpickle(os.path.join(folder, "test"))]
+        key = b"fine_labels"
+    train_images, train_labels = cifar_arrays(train, key)
+    test_images, test_labels = cifar_arrays(test, key)
+    return dict(train_images=train_images, train_labels=train_labels,
+                test_images=test_images, test_labels=test_labels)
+
+
+# ----------------------------------------------------------------------------- finding data
+
+def candidate_folders(name, datadir):
+    """Where a dataset may lie, in the order of SPEC section 1."""
+    if name == "fashionmnist":
+        return [os.path.join(datadir, "FashionMNIST", "raw"), datadir, DEBIAN_FASHION_MNIST]
+    sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    return [os.path.join(datadir, sub)]
+
+
+def try_download(name, datadir):
+    """torchvision's download, for machines that are online; returns arrays or None."""
+    try:
+        import torchvision
+        cls = {"fashionmnist": torchvision.datasets.FashionMNIST,
+               "cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[name]
+        os.makedirs(datadir, exist_ok=True)
+        cls(datadir, train=True, download=True)
+        cls(datadir, train=False, download=True)
+    except Exception:
+        return None
+    return find_arrays(name, datadir, allow_download=False)
+
+
+def find_arrays(name, datadir, allow_download=True):
+    for folder in candidate_folders(name, datadir):
+        if name == "fashionmnist":
+            files = find_fashion_mnist_files(folder)
+            if files:
+                return load_fashion_mnist_files(files)
+        else:
+            needed = ["data_batch_1", "test_batch"] if name == "cifar10" else ["train", "test"]
+            if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
+                return load_cifar_folder(name, folder)
+    if allow_download and os.environ.get("FEDSUITE_NO_DOWNLOAD") != "1":
+        arrays = try_download(name, datadir)
+        if arrays:
+            return arrays
+    places = ", ".join(candidate_folders(name, datadir))
+    hint = ("install it with 'sudo apt-get install dataset-fashion-mnist' or put the IDX files in --datadir"
+            if name == "fashionmnist" else
+            f"put torchvision's {'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'} folder in --datadir")
+    raise UsageError(f"{name} not found (looked in {places}; download failed or offline): {hint}")
+
+
+def load_dataset(name, datadir="./data/"):
+    """Load `name` into memory as uint8 tensors (see the module docstring for the search order)."""
+    if name not in NUM_CLASSES:
+        raise UsageError(f"unknown dataset '{name}'; choose one of {', '.join(NUM_CLASSES)}")
+    arrays = find_arrays(name, datadir)
+    images = {k: v if v.dim() == 4 else v.unsqueeze(1) for k, v in arrays.items() if "images" in k}
+    labels = {k: v.long() for k, v in arrays.items() if "labels" in k}
+    mean, std = NORMALISATION[name]
+    data = Dataset(name, images["train_images"], labels["train_labels"], images["test_images"],
+                   labels["test_labels"], NUM_CLASSES[name], mean, std)
+    bad = int(((data.train_labels < 0) | (data.train_labels >= data.num_classes)).sum())
+    if bad:
+        raise UsageError(f"{name}: {bad} training labels are outside 0..{data.num_classes - 1}; the data is corrupt")
+    return data
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def normalise(images_uint8, mean, std):
+    """x = (pixel / 255 - mean) / std, per channel."""
+    x = images_uint8.float().div_(255.0)
+    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+    return x.sub_(mean_t).div_(std_t)
+
+
+def augment_batch(images_uint8, mean, std, generator, padding=4):
+    """Random crop with `padding` zero pixels then random horizontal flip, then normalise:
+    torchvision's RandomCrop(size, padding=4) + RandomHorizontalFlip + Normalize, done on a
+    whole batch at once. Randomness comes from the CPU `generator` only."""
+    b, c, h, w = images_uint8.shape
+    device = images_uint8.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)
+    flips = (torch.rand(b, generator=generator) < 0.5).to(device)
+    padded = torch.nn.functional.pad(images_uint8, (padding,) * 4)
+    rows = offsets[0].view(b, 1) + torch.arange(h, device=device).view(1, h)
+    cols = offsets[1].view(b, 1) + torch.arange(w, device=device).view(1, w)
+    cols = torch.where(flips.view(b, 1), cols.flip(1), cols)
+    batch_index = torch.arange(b, device=device).view(b, 1, 1, 1)
+    channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
+    cropped = padded[batch_index, channel_index, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    return normalise(cropped, mean, std)
+
+
+class BatchStream:
+    """Endless shuffled mini-batches of one client's data, reshuffled whenever exhausted;
+    the last batch of a pass may be smaller (a DataLoader with drop_last=False)."""
+
+    def __init__(self, images, labels, batch_size, generator, mean, std, augment=True):
+        self.images, self.labels = images, labels
+        self.batch_size, self.generator = batch_size, generator
+        self.mean, self.std, self.augment = mean, std, augment
+        self.order, self.position = None, 0
+
+    def next(self):
+        n = len(self.labels)
+        if self.order is None or self.position >= n:
+            self.order = torch.randperm(n, generator=self.generator).to(self.labels.device)
+            self.position = 0
+        index = self.order[self.position: self.position + self.batch_size]
+        self.position += self.batch_size
+        images = self.images[index]
+        if self.augment:
+            x = augment_batch(images, self.mean, self.std, self.generator)
+        else:
+            x = normalise(images, self.mean, self.std)
+        return x, self.labels[index]
+
+
+# ----------------------------------------------------------------------------- partitions
+
+def partition_iid(n_samples, n_parties):
+    """np.random.permutation(N), then np.array_split into n parts."""
+    return [part.tolist() for part in np.array_split(np.random.permutation(n_samples), n_parties)]
+
+
+def partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size=10):
+    """Dirichlet label skew (NIID-Bench `noniid-labeldir`); see SPEC section 2."""
+    n = labels.shape[0]
+    min_size = 0
+    while min_size < min_require_size:
+        idx_batch = [[] for _ in range(n_parties)]
+        for k in range(num_classes):
+            idx_k = np.where(labels == k)[0]
+            np.random.shuffle(idx_k)
+            proportions = np.random.dirichlet(np.repeat(beta, n_parties))
+            proportions = np.array([p * (len(idx_j) < n / n_parties)
+                                    for p, idx_j in zip(proportions, idx_batch)])
+            proportions = proportions / proportions.sum()
+            cuts = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
+            idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, cuts))]
+            min_size = min(len(idx_j) for idx_j in idx_batch)
+    for j in range(n_parties):
+        np.random.shuffle(idx_batch[j])
+    return idx_batch
+
+
+def partition_skew(labels, n_parties, num_classes, classes_per_client):
+    """#C=K label skew: client i holds K classes, an equal slice of each (SPEC section 2)."""
+    k = classes_per_client
+    if k < 1 or num_classes % k != 0:
+        raise UsageError(f"noniid-skew-{k}: {num_classes} classes do not split into groups of {k}; "
+                         f"pick K dividing {num_classes}")
+    groups = num_classes // k
+    if n_parties % groups != 0:
+        raise UsageError(f"noniid-skew-{k}: --n_parties {n_parties} is not a multiple of "
+                         f"{groups} (classes / K); use a multiple of {groups}")
+    clients_per_group = n_parties // groups
+    class_indices = [np.where(labels == c)[0] for c in range(num_classes)]
+    parts = []
+    for i in range(n_parties):
+        g = i // groups
+        indices = []
+        for j in range(k):
+            cls = class_indices[k * (i % groups) + j]
+            s = len(cls) // clients_per_group
+            indices.extend(cls[s * g: s * (g + 1)].tolist())
+        random.shuffle(indices)
+        parts.append(indices)
+    return parts
+
+
+def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2):
+    """Client index lists for `partition`; labels is a numpy int array. Uses the global RNGs."""
+    labels = np.asarray(labels)
+    if n_parties > len(labels):
+        raise UsageError(f"--n_parties {n_parties} exceeds the {len(labels)} training samples")
+    if partition in ("iid", "homo"):
+        parts = partition_iid(len(labels), n_parties)
+    elif partition == "noniid":
+        if n_parties * 10 > len(labels):
+            raise UsageError(f"--n_parties {n_parties}: the Dirichlet partition needs at least 10 "
+                             f"samples a client and there are {len(labels)}; use fewer clients")
+        parts = partition_dirichlet(labels, n_parties, beta, num_classes)
+    elif re.fullmatch(r"noniid-skew(-\d+)?", partition):
+        k = int(partition.rsplit("-", 1)[1]) if partition.count("-") == 2 else skew_class
+        parts = partition_skew(labels, n_parties, num_classes, k)
+    else:
+        raise UsageError(f"unknown --partition '{partition}'; choose iid, noniid or noniid-skew-K")
+    if min(len(p) for p in parts) == 0:
+        raise UsageError(f"--partition {partition} leaves a client with no data; use fewer clients")
+    return parts
+
+
+def class_counts(labels, parts, num_classes):
+    """Matrix [client][class] of sample counts."""
+    labels = np.asarray(labels)
+    return [np.bincount(labels[p], minlength=num_classes).astype(int).tolist() for p in parts]
+
+
+def format_class_counts(counts):
+    """The class-count matrix as a readable table, one row a client."""
+    num_classes = len(counts[0])
+    width = max(5, len(str(max(max(r) for r in counts))) + 1)
+    head = "client " + "".join(f"{c:>{width}}" for c in range(num_classes)) + f"{'total':>{width + 2}}"
+    rows = [f"{i:>6} " + "".join(f"{v:>{width}}" for v in row) + f"{sum(row):>{width + 2}}"
+            for i, row in enumerate(counts)]
+    return "\n".join([head] + rows)
+
+
+def main(argv=None):
+    import argparse
+    from utils import setup_seed
+    p = argparse.ArgumentParser(description="Print a client partition (no training).")
+    p.add_argument("--dataset", default="fashionmnist")
+    p.add_argument("--datadir", default="./data/")
+    p.add_argument("--partition", default="noniid")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--skew_class", type=int, default=2)
+    p.add_argument("--n_parties", type=int, default=10)
+    p.add_argument("--init_seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print {client_sizes, class_counts} as JSON")
+    args = p.parse_args(argv)
+    try:
+        if not args.beta > 0:
+            raise UsageError(f"--beta must be > 0 (got {args.beta})")
+        if args.n_parties < 1:
+            raise UsageError(f"--n_parties must be at least 1 (got {args.n_parties})")
+        setup_seed(args.init_seed)
+        data = load_dataset(args.dataset, args.datadir)
+        parts = partition_data(data.train_labels.numpy(), args.partition, args.n_parties,
+                               args.beta, data.num_classes, args.skew_class)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = class_counts(data.train_labels.numpy(), parts, data.num_classes)
+    if args.json:
+        print(json.dumps({"client_sizes": [len(p) for p in parts], "class_counts": counts}))
+    else:
+        print(format_class_counts(counts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

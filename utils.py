@@ -1,0 +1,278 @@
+"""Shared plumbing: command-line flags, YAML configs, seeding, devices, run directories, logs.
+
+Every entry script (fedavg.py, fedprox.py, moon.py, fedhug.py, ...) accepts the same flags,
+built by `build_parser`. Bad input raises `UsageError`, which the entry point turns into one
+line on stderr and exit status 2.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- flags
+
+DATASETS = ("fashionmnist", "cifar10", "cifar100")
+MODELS = ("simplecnn", "simplecnn-mnist")
+OPTIMIZERS = ("sgd", "adam", "amsgrad")
+DEFAULT_DATADIR = "./data/"
+
+# Flags that steer how a run is executed but not what it computes: they may differ between
+# a run and its resume, and they are left out of the checkpoint fingerprint.
+RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
+                     "logdir", "log_file_name", "save_model", "comm_round", "workers",
+                     "backend", "ray_address", "load_path"}
+
+
+def build_parser(description):
+    """The flags of the published code (SPEC section 6) plus this suite's run controls."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # --- data and partition
+    a("--dataset", default="fashionmnist", help=f"one of {', '.join(DATASETS)}")
+    a("--datadir", default=DEFAULT_DATADIR, help="where to look for the data first")
+    a("--partition", default="noniid",
+      help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client)")
+    a("--beta", type=float, default=0.5, help="Dirichlet concentration for --partition noniid")
+    a("--skew_class", type=int, default=2, help="K for --partition noniid-skew")
+    a("--n_parties", type=int, default=10, help="number of clients")
+    a("--init_seed", type=int, default=0, help="seeds torch, numpy, random and the partition")
+    # --- model and local training
+    a("--model", default=None, help=f"one of {', '.join(MODELS)} (default: the one that fits --dataset)")
+    a("--num_local_iterations", type=int, default=100, help="local SGD steps a round")
+    a("--batch_size", type=int, default=64)
+    a("--lr", type=float, default=0.01, help="client learning rate")
+    a("--reg", type=float, default=1e-5, help="weight decay")
+    a("--optimizer", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
+    a("--momentum", type=float, default=0.9, help="client SGD momentum")
+    # --- federation
+    a("--comm_round", type=int, default=70, help="communication rounds")
+    a("--sample_fraction", type=float, default=1.0, help="fraction of clients sampled a round")
+    a("--server_momentum", type=float, default=0.0, help="FedAvgM server momentum (0 = FedAvg)")
+    a("--server_lr", type=float, default=1.0, help="server learning rate for FedAvgM")
+    # --- algorithm-specific (accepted by every script so command lines are interchangeable)
+    a("--mu", type=float, default=0.01, help="FedProx proximal weight / MOON contrastive weight")
+    a("--temperature", type=float, default=0.5, help="MOON contrastive temperature")
+    a("--bn", type=float, default=0.0, help="FedHUG: BN-statistic loss weight")
+    a("--oh", type=float, default=1.0, help="FedHUG: teacher cross-entropy weight")
+    a("--lr_g", type=float, default=0.01, help="FedHUG: Adam lr of the synthesised inputs")
+    a("--g_steps", type=int, default=500, help="FedHUG: synthesis steps")
+    a("--synthesis_batch_size", type=int, default=256, help="FedHUG: base synthesis budget")
+    a("--ua_uncertainty_beta", type=float, default=1.0)
+    a("--ua_entropy_batches", type=int, default=2)
+    a("--ua_budget_alpha", type=float, default=1.0)
+    a("--ua_budget_min_scale", type=float, default=0.5)
+    a("--ua_budget_max_scale", type=float, default=2.0)
+    a("--ua_entropy_weight", type=float, default=0.3)
+    a("--ua_boundary_lambda", type=float, default=0.1)
+    a("--T", type=float, default=1.0, help="FedHUG: distillation temperature")
+    a("--start_round", type=int, default=50, help="FedHUG: first round with synthesis")
+    a("--double_gen", action="store_true", help="FedHUG: re-synthesise halfway through local training")
+    a("--synthesis_bf16", action="store_true", help="FedHUG: bf16 autocast in synthesis (faster, other numbers)")
+    # --- run control
+    a("--gpu", default="0", help="CUDA device index; falls back to the CPU when CUDA is absent")
+    a("--device", default=None, help="explicit device (cpu, cuda, cuda:1); overrides --gpu")
+    a("--threads", type=int, default=None, help="torch CPU threads (default: see README)")
+    a("--logdir", default="./logs/", help="parent folder of run directories")
+    a("--log_file_name", default=None, help="run directory name under --logdir")
+    a("--save_model", action="store_true", help="save the final global model in the run directory")
+    a("--load_path", default=None, help="warm start from a checkpoint (global model, client models, round)")
+    a("--resume", default=None, help="continue a run from its run directory or checkpoint file")
+    a("--checkpoint_every", type=int, default=1, help="write the checkpoint every N rounds (0: never)")
+    a("--workers", type=int, default=1, help="local worker processes running the sampled clients")
+    a("--backend", default="local", help="local (in this machine's processes) or ray")
+    a("--ray_address", default=None, help="Ray cluster address (default: start a local one)")
+    a("--config", default=None, help="YAML file of flag defaults; command-line flags override it")
+    return p
+
+
+def parse_args(parser, argv=None, checkpoint_config=None):
+    """Parse flags with the precedence: command line > --config YAML > checkpoint > defaults."""
+    pre, _ = parser.parse_known_args(argv)
+    defaults = {}
+    if checkpoint_config:
+        known = {act.dest for act in parser._actions}
+        defaults.update({k: v for k, v in checkpoint_config.items() if k in known})
+    if pre.config:
+        defaults.update(load_yaml_config(parser, pre.config))
+    parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def load_yaml_config(parser, path):
+    """Read a YAML mapping of flag names to values, checking names and types."""
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror}")
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold a mapping of flag names to values")
+    actions = {act.dest: act for act in parser._actions if act.dest != "help"}
+    out = {}
+    for key, value in data.items():
+        if key not in actions:
+            raise UsageError(f"--config {path}: unknown key '{key}' (keys are the flag names, e.g. 'beta')")
+        action = actions[key]
+        expected = bool if isinstance(action, argparse._StoreTrueAction) else (action.type or str)
+        ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
+                                              and not isinstance(value, bool))
+        if value is not None and (not ok or (expected is int and isinstance(value, bool))):
+            raise UsageError(f"--config {path}: key '{key}' must be {expected.__name__}, "
+                             f"got {type(value).__name__} {value!r}")
+        out[key] = float(value) if expected is float and value is not None else value
+    return out
+
+
+def validate_args(args):
+    """Check flags that argparse cannot, raising one UsageError naming the flag and the fix."""
+    if args.dataset not in DATASETS:
+        raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
+    if args.model is None:
+        args.model = "simplecnn-mnist" if args.dataset == "fashionmnist" else "simplecnn"
+    if args.model not in MODELS:
+        raise UsageError(f"unknown --model '{args.model}'; choose one of {', '.join(MODELS)}")
+    fits = {"simplecnn-mnist": ("fashionmnist",), "simplecnn": ("cifar10", "cifar100")}
+    if args.dataset not in fits[args.model]:
+        raise UsageError(f"--model {args.model} does not fit --dataset {args.dataset} "
+                         f"(use --model {'simplecnn-mnist' if args.dataset == 'fashionmnist' else 'simplecnn'})")
+    if args.optimizer not in OPTIMIZERS:
+        raise UsageError(f"unknown --optimizer '{args.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
+    if not (args.beta > 0):
+        raise UsageError(f"--beta must be > 0 (got {args.beta})")
+    if args.n_parties < 1:
+        raise UsageError(f"--n_parties must be at least 1 (got {args.n_parties})")
+    if not (0 < args.sample_fraction <= 1):
+        raise UsageError(f"--sample_fraction must be in (0, 1] (got {args.sample_fraction})")
+    if int(args.n_parties * args.sample_fraction) < 1:
+        raise UsageError(f"--sample_fraction {args.sample_fraction} x --n_parties {args.n_parties} "
+                         "samples no client; raise either")
+    for flag in ("num_local_iterations", "comm_round", "batch_size", "g_steps", "synthesis_batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be a positive integer (got {getattr(args, flag)})")
+    for flag in ("lr", "lr_g", "T"):
+        if not (getattr(args, flag) > 0):
+            raise UsageError(f"--{flag} must be > 0 (got {getattr(args, flag)})")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint_every must be >= 0 (got {args.checkpoint_every})")
+    if args.workers < 1:
+        raise UsageError(f"--workers must be at least 1 (got {args.workers})")
+    if args.backend not in ("local", "ray"):
+        raise UsageError(f"unknown --backend '{args.backend}'; choose local or ray")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be at least 1 (got {args.threads})")
+    if args.datadir != DEFAULT_DATADIR and not os.path.isdir(args.datadir):
+        raise UsageError(f"--datadir {args.datadir} does not exist; point it at a folder holding the data")
+
+
+def config_fingerprint(config):
+    """The part of a run's configuration that decides what it computes (not how it is run)."""
+    return {k: v for k, v in sorted(config.items()) if k not in RUN_CONTROL_FLAGS}
+
+
+# ----------------------------------------------------------------------------- seeding
+
+def setup_seed(seed):
+    """Seed torch, numpy's legacy global RNG and Python's `random` (SPEC section 4)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def derived_seed(*parts):
+    """A 63-bit seed that depends only on `parts`, e.g. (init_seed, round, client)."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+# ----------------------------------------------------------------------------- devices
+
+def choose_device(args):
+    """--device wins; else --gpu picks cuda:<gpu>, falling back to the CPU with one warning."""
+    if args.device:
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device} asked for CUDA, but CUDA is not available here")
+        try:
+            return torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device '{args.device}' is not a device name (use cpu or cuda[:N])")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(str(args.gpu).split(',')[0])}")
+    print(f"warning: --gpu {args.gpu}: CUDA is not available, running on the CPU", file=sys.stderr)
+    return torch.device("cpu")
+
+
+def set_threads(threads):
+    """Set torch's CPU thread count; one thread is the default (see README, 'Threads')."""
+    torch.set_num_threads(threads or 1)
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_torch_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a kill mid-write
+    leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class RunLog:
+    """The tee-able log: every line goes to stdout and to <run_dir>/log.txt, and is kept in
+    `lines` so a checkpoint can carry it and a resumed run can replay it."""
+
+    def __init__(self, path):
+        self.path = path
+        self.lines = []
+        self.file = open(path, "w")
+
+    def __call__(self, line=""):
+        for part in str(line).split("\n"):
+            self.lines.append(part)
+            print(part, flush=True)
+            self.file.write(part + "\n")
+        self.file.flush()
+
+    def replay(self, lines):
+        """Start from a checkpoint's lines: print and write them again."""
+        for line in lines:
+            self(line)
+
+    def close(self):
+        self.file.close()
+
+
+def warn(message):
+    """One warning line on stderr, kept out of the tee'd log."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+warnings.filterwarnings("ignore", message=".*TypedStorage.*")
