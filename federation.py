@@ -54,6 +54,7 @@ class ClientContext:
     num_samples: int
     class_counts: torch.Tensor
     message: dict = field(default_factory=dict)  # what the server broadcast besides the weights
+    previous_weights: dict = None   # the client's last trained model (initial global weights before its first round)
     step: int = 0
     log_lines: list = field(default_factory=list)
 
@@ -111,6 +112,7 @@ class FedAvg:
         self.local_model = self.new_model()
         self.global_model = self.new_model()
         self.global_model.requires_grad_(False)
+        self.initial_weights = None   # the run's initial global weights, set by the engine
 
     @classmethod
     def check_args(cls, args):
@@ -166,6 +168,7 @@ class FedAvg:
                             self.global_model, stream, generator,
                             len(self.client_labels[client_id]), self.client_class_counts[client_id],
                             message or {})
+        ctx.previous_weights = client_state.get("last_model", self.initial_weights)
         self.prepare_client(ctx, model)
         model.train()
         optimizer = self.make_optimizer(model.parameters())
@@ -272,11 +275,13 @@ class SerialExecutor:
 
 
 def make_executor(algorithm_class, algorithm, args, client_indices):
-    """Serial by default; --workers N or --backend ray hand clients to parallel.py."""
+    """Serial by default; --workers N or --backend ray hand clients to parallel.py, whose
+    workers each build their own `algorithm_class(args, data, client_indices, cpu)` once and
+    set its `initial_weights` to `algorithm.initial_weights`."""
     if args.workers == 1 and args.backend == "local":
         return SerialExecutor(algorithm)
     import parallel
-    return parallel.make_executor(algorithm_class, args, client_indices)
+    return parallel.make_executor(algorithm_class, args, client_indices, algorithm.initial_weights)
 
 
 class Run:
@@ -299,6 +304,7 @@ class Run:
         self.algorithm = algorithm_class(args, data, self.client_indices, self.device)
         global_model = self.algorithm.new_model()   # created after the partition: same init for every algorithm
         self.global_weights = clone_weights(global_model.state_dict())
+        self.algorithm.initial_weights = clone_weights(self.global_weights)
         self.eval_model = global_model
         self.test_images = data.test_images.to(self.device)
         self.test_labels = data.test_labels.to(self.device)
