@@ -1,0 +1,167 @@
+"""The federated engine, FedAvg and FedAvgM, configs and bad input (SPEC sections 4-5)."""
+import argparse
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import run_script
+from federation import ClientResult, FedAvg, sample_clients, weighted_average
+
+ROUND_LINE = re.compile(r">> Round (\d+) \| Current Acc: ([0-9.]+), Best Acc: ([0-9.]+)$")
+SMALL = ["--n_parties", "5", "--num_local_iterations", "20", "--comm_round", "2", "--beta", "0.5"]
+
+
+def round_accuracies(stdout):
+    return [float(m.group(2)) for m in map(ROUND_LINE.match, stdout.splitlines()) if m]
+
+
+# ----------------------------------------------------------------------------- units
+
+def test_weighted_average_weights_by_sample_counts():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(2)}
+    b = {"w": torch.tensor([4.0, 8.0]), "n": torch.tensor(5)}
+    out = weighted_average([a, b], [1, 3])
+    assert torch.allclose(out["w"], torch.tensor([3.25, 6.5]))
+    assert out["n"].dtype == torch.int64 and out["n"].item() == 4     # 0.25*2 + 0.75*5 = 4.25
+
+
+def test_server_momentum_follows_hsu_et_al():
+    """delta = w - w_avg; v = b v + delta; w = w - lr v, over two rounds."""
+    args = argparse.Namespace(server_momentum=0.9, server_lr=1.0)
+    algorithm = FedAvg.__new__(FedAvg)
+    algorithm.args = args
+    def result(value):
+        return ClientResult(0, 1, {"w": torch.tensor([value])}, {}, {}, {}, [])
+    state, w = {}, {"w": torch.tensor([1.0])}
+    w1 = algorithm.server_update(w, [result(0.5)], state)           # v = 0.5, w = 0.5
+    assert w1["w"].item() == pytest.approx(0.5)
+    w2 = algorithm.server_update(w1, [result(0.25)], state)         # v = 0.45 + 0.25 = 0.7
+    assert state["velocity"]["w"].item() == pytest.approx(0.7)
+    assert w2["w"].item() == pytest.approx(0.5 - 0.7)
+    args.server_momentum = 0.0                                      # plain FedAvg: the average
+    assert algorithm.server_update(w2, [result(0.3)], {})["w"].item() == pytest.approx(0.3)
+
+
+def test_client_sampling_is_seeded_and_sized():
+    chosen = sample_clients(0, 3, 100, 0.1)
+    assert len(chosen) == 10 == len(set(chosen)) and chosen == sample_clients(0, 3, 100, 0.1)
+    assert chosen != sample_clients(0, 4, 100, 0.1) and chosen != sample_clients(1, 3, 100, 0.1)
+    assert sample_clients(0, 0, 7, 1.0) == list(range(7))
+
+
+# ----------------------------------------------------------------------------- real runs
+
+def test_fedavg_learns_and_logs_in_the_published_format(tmp_path):
+    result = run_script("fedavg.py", "--n_parties", "5", "--num_local_iterations", "60",
+                        "--comm_round", "4", "--beta", "0.5", "--save_model", logdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    accuracies = round_accuracies(result.stdout)
+    assert len(accuracies) == 4 and accuracies[-1] > 0.35           # chance is 0.1
+    run_dir = tmp_path / "run"
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["round"] for r in records] == [0, 1, 2, 3]
+    assert records[-1]["accuracy"] == pytest.approx(accuracies[-1], abs=1e-5)
+    assert records[0]["bytes_uploaded"] == 5 * 44426 * 4
+    assert set(records[0]) >= {"train_loss", "seconds", "best_accuracy"}
+    assert "beta: 0.5" in open(run_dir / "config.yaml").read()
+    assert open(run_dir / "log.txt").read() == result.stdout
+    weights = torch.load(run_dir / "global_model.pt")
+    assert sum(v.numel() for v in weights.values()) == 44426
+    assert result.stderr.count("warning") <= 1                       # the CPU fall-back line only
+
+
+def test_same_seed_same_log_and_fedavgm_differs(tmp_path):
+    first = run_script("fedavg.py", *SMALL, logdir=tmp_path, name="a")
+    second = run_script("fedavg.py", *SMALL, logdir=tmp_path, name="b")
+    momentum = run_script("fedavg.py", *SMALL, "--server_momentum", "0.9", logdir=tmp_path, name="m")
+    other_seed = run_script("fedavg.py", *SMALL, "--init_seed", "1", logdir=tmp_path, name="s")
+    assert first.returncode == second.returncode == momentum.returncode == 0
+    assert first.stdout == second.stdout
+    assert round_accuracies(momentum.stdout) != round_accuracies(first.stdout)
+    assert round_accuracies(other_seed.stdout) != round_accuracies(first.stdout)
+
+
+def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("n_parties: 4\nbeta: 0.3\ncomm_round: 1\nnum_local_iterations: 2\n")
+    result = run_script("fedavg.py", "--config", config, "--beta", "0.7", logdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    resolved = open(tmp_path / "run" / "config.yaml").read()
+    assert "n_parties: 4" in resolved and "beta: 0.7" in resolved
+    assert len(round_accuracies(result.stdout)) == 1
+
+
+# ----------------------------------------------------------------------------- bad input
+
+BAD_INPUTS = [
+    (["--dataset", "mnist"], "unknown --dataset 'mnist'"),
+    (["--model", "resnet"], "unknown --model 'resnet'"),
+    (["--dataset", "fashionmnist", "--model", "simplecnn"], "does not fit --dataset fashionmnist"),
+    (["--partition", "dirichlet"], "unknown --partition 'dirichlet'"),
+    (["--optimizer", "rmsprop"], "unknown --optimizer 'rmsprop'"),
+    (["--beta", "0"], "--beta must be > 0"),
+    (["--beta", "-1"], "--beta must be > 0"),
+    (["--n_parties", "0"], "--n_parties must be at least 1"),
+    (["--n_parties", "7000"], "needs at least 10 samples a client"),
+    (["--partition", "noniid-skew-2", "--n_parties", "7"], "not a multiple of 5"),
+    (["--sample_fraction", "0"], "--sample_fraction must be in (0, 1]"),
+    (["--sample_fraction", "1.5"], "--sample_fraction must be in (0, 1]"),
+    (["--num_local_iterations", "0"], "--num_local_iterations must be a positive integer"),
+    (["--comm_round", "-2"], "--comm_round must be a positive integer"),
+    (["--batch_size", "0"], "--batch_size must be a positive integer"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--datadir", "/no/such/folder"], "--datadir /no/such/folder does not exist"),
+    (["--device", "cuda:0"], "CUDA is not available"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(tmp_path, flags, message):
+    result = run_script("fedavg.py", "--comm_round", "1", *flags, logdir=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_broken_data_files_are_one_clear_line(tmp_path):
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"not an idx file")
+    result = run_script("fedavg.py", "--datadir", tmp_path / "data", logdir=tmp_path)
+    assert result.returncode == 2 and "bad magic number" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("content,message", [
+    ("bogus_flag: 3\n", "unknown key 'bogus_flag'"),
+    ("beta: high\n", "key 'beta' must be float"),
+    ("n_parties: 2.5\n", "key 'n_parties' must be int"),
+    ("[1, 2\n", "not valid YAML"),
+])
+def test_bad_yaml_config(tmp_path, content, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    result = run_script("fedavg.py", "--config", config, logdir=tmp_path)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unwritable_output_and_existing_run_are_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    result = run_script("fedavg.py", "--comm_round", "1", logdir=blocker)
+    assert result.returncode == 2 and "cannot write the run directory" in result.stderr
+    assert blocker.read_text() == "keep me"
+
+    first = run_script("fedavg.py", "--n_parties", "3", "--num_local_iterations", "2", "--comm_round", "1",
+                       logdir=tmp_path, name="kept")
+    assert first.returncode == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "kept").iterdir()}
+    again = run_script("fedavg.py", "--comm_round", "1", logdir=tmp_path, name="kept")
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert {p: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before
