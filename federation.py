@@ -172,7 +172,7 @@ class FedAvg:
         self.prepare_client(ctx, model)
         model.train()
         optimizer = self.make_optimizer(model.parameters())
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)
         for step in range(self.args.num_local_iterations):
             ctx.step = step
             x, y = stream.next()
@@ -181,14 +181,14 @@ class FedAvg:
             loss.backward()
             self.before_optimizer_step(model, ctx)
             optimizer.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(f"round {round_index}, client {client_id}, local step {step}: "
-                                       f"the loss became {loss_value}")
-            loss_sum += loss_value
+            loss_sum += loss.detach()          # summed on the device: no sync per step on a GPU
+        mean_loss = loss_sum.item() / self.args.num_local_iterations
+        if not math.isfinite(mean_loss):
+            raise TrainingDiverged(f"round {round_index}, client {client_id}: the local loss became "
+                                   f"{mean_loss}")
         upload = self.upload(ctx, model)
         state = self.client_state_after(ctx, model)
-        metrics = {"train_loss": loss_sum / self.args.num_local_iterations,
+        metrics = {"train_loss": mean_loss,
                    "steps": self.args.num_local_iterations}
         return ClientResult(client_id, ctx.num_samples, clone_weights(model.state_dict()), state,
                             upload, metrics, ctx.log_lines)
