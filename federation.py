@@ -301,8 +301,9 @@ class Run:
                                                        args.beta, data.num_classes, args.skew_class)
         self.class_counts = cvdataset.class_counts(labels, self.client_indices, data.num_classes)
         self.data = data
+        # the global model right after the partition: the same initial weights for every algorithm
+        global_model = build_model(args.model, data.num_classes, data.image_shape).to(self.device)
         self.algorithm = algorithm_class(args, data, self.client_indices, self.device)
-        global_model = self.algorithm.new_model()   # created after the partition: same init for every algorithm
         self.global_weights = clone_weights(global_model.state_dict())
         self.algorithm.initial_weights = clone_weights(self.global_weights)
         self.eval_model = global_model

@@ -1,0 +1,128 @@
+"""FedHUG: FedAvg plus heterogeneity- and uncertainty-guided data synthesis (SPEC section 6).
+
+Rounds before --start_round are plain FedAvg. From then on each sampled client k, with
+net = its local model from its last round (the run's initial model if it never trained) and
+global = the current global model (formulas in synthesis.py):
+
+    drift    = ||net - global|| / ||global||
+    budget   = max(C, floor(synthesis_batch_size * clamp(1 + alpha * drift, min, max) + 0.5))
+    e_c      = net's mean entropy on its data of class c, min-max normalised to [0, 1]
+    d_c      = scarcity_c + beta_u * e_c * (max scarcity + 1), normalised
+    targets  = class c repeated floor(budget * d_c) times
+    x, t     = inputs optimised so that the global model (teacher) predicts the targets while
+               net (student) is uncertain and near its decision boundary; t = teacher logits on x
+    loss     = real_w * CE(real batch) + syn_w * T^2 * KL(softmax(t/T) || softmax(model(x)/T))
+    real_w   = N_k / (N_k + sum_c (n_max - n_c)),  syn_w = 1 - real_w
+
+    python -u fedhug.py --dataset fashionmnist --gpu 0 --partition noniid --beta 0.1 \\
+        --model simplecnn-mnist --n_parties 10 --sample_fraction 1.0 \\
+        --num_local_iterations 100 --start_round 50 --comm_round 70 --save_model
+"""
+import copy
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import cvdataset
+import synthesis
+from federation import FedAvg, main
+from utils import UsageError
+
+
+class SyntheticBatches:
+    """Endless shuffled mini-batches of an in-memory synthetic set (inputs, teacher logits),
+    reshuffled with `generator` whenever exhausted."""
+
+    def __init__(self, inputs, teacher_logits, batch_size, generator):
+        self.inputs, self.teacher_logits = inputs, teacher_logits
+        self.batch_size, self.generator = batch_size, generator
+        self.order, self.position = None, 0
+
+    def next(self):
+        if self.order is None or self.position >= len(self.inputs):
+            self.order = torch.randperm(len(self.inputs), generator=self.generator).to(self.inputs.device)
+            self.position = 0
+        index = self.order[self.position: self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.inputs[index], self.teacher_logits[index]
+
+
+@dataclass
+class Distillation:
+    """One client's synthesis for this round, kept on its context as `ctx.distillation`:
+    what local training mixes into its loss."""
+    targets: torch.Tensor          # the class of every synthetic sample
+    real_weight: float
+    syn_weight: float
+    batches: SyntheticBatches
+
+
+class FedHUG(FedAvg):
+    name = "fedhug"
+
+    def __init__(self, args, data, client_indices, device):
+        super().__init__(args, data, client_indices, device)
+        # a copy draws no random numbers, so the initial global model stays every algorithm's
+        self.previous_model = copy.deepcopy(self.global_model)
+
+    @classmethod
+    def check_args(cls, args):
+        if args.start_round < 0:
+            raise UsageError(f"--start_round must be >= 0 (got {args.start_round})")
+        if args.start_round > args.comm_round:
+            raise UsageError(f"--start_round {args.start_round} exceeds --comm_round {args.comm_round}: "
+                             "FedHUG would never synthesise; lower --start_round or raise --comm_round")
+
+    def prepare_client(self, ctx, model):
+        """Steps 1-5 of SPEC section 6: drift, budget, class distribution, loss weights, synthesis."""
+        a = self.args
+        if ctx.round < a.start_round:
+            return
+        self.previous_model.load_state_dict(ctx.previous_weights)
+        drift = synthesis.drift(ctx.previous_weights, ctx.global_weights)
+        budget = synthesis.synthesis_budget(drift, a.synthesis_batch_size, a.ua_budget_alpha,
+                                            a.ua_budget_min_scale, a.ua_budget_max_scale, self.num_classes)
+        entropy = synthesis.per_class_entropy(self.previous_model, self.entropy_batches(ctx), self.num_classes)
+        distribution = synthesis.class_distribution(ctx.class_counts, entropy, a.ua_uncertainty_beta)
+        targets = synthesis.synthesis_targets(distribution, budget).to(self.device)
+        real_weight, syn_weight = synthesis.loss_weights(ctx.class_counts)
+        batches = self.synthesize(ctx, targets, student=self.previous_model)
+        ctx.distillation = Distillation(targets, real_weight, syn_weight, batches)
+        ctx.log(f"fedhug client {ctx.client_id}: drift {drift:.4f}, budget {budget} ({len(targets)} synthesised), "
+                f"weights real {real_weight:.3f} syn {syn_weight:.3f}, "
+                f"class distribution [{' '.join(f'{d:.2f}' for d in distribution.tolist())}]")
+
+    def entropy_batches(self, ctx):
+        """--ua_entropy_batches shuffled, un-augmented batches of the client's training data."""
+        k = ctx.client_id
+        stream = cvdataset.BatchStream(self.client_images[k], self.client_labels[k], self.args.batch_size,
+                                       ctx.generator, self.data.mean, self.data.std, augment=False)
+        return [stream.next() for _ in range(self.args.ua_entropy_batches)]
+
+    def synthesize(self, ctx, targets, student):
+        """The synthetic set: inputs inverted from the global model (teacher) against `student`,
+        with the teacher's logits on them, served as shuffled batches."""
+        a = self.args
+        inputs, teacher_logits = synthesis.synthesize(
+            ctx.global_model, student, targets, self.data.image_shape, ctx.generator, a.g_steps, a.lr_g,
+            a.bn, a.oh, a.ua_entropy_weight, a.ua_boundary_lambda, bf16=a.synthesis_bf16)
+        return SyntheticBatches(inputs, teacher_logits, a.batch_size, ctx.generator)
+
+    def local_loss(self, model, x, y, ctx):
+        """real_w * CE(model(x), y) + syn_w * T^2 * KL(softmax(t/T) || softmax(model(x_syn)/T))."""
+        a = self.args
+        if ctx.round < a.start_round:
+            return super().local_loss(model, x, y, ctx)
+        distillation = ctx.distillation
+        if a.double_gen and ctx.step == a.num_local_iterations // 2:
+            distillation.batches = self.synthesize(ctx, distillation.targets, student=model)
+        syn_x, teacher_logits = distillation.batches.next()
+        kd = F.kl_div(F.log_softmax(model(syn_x) / a.T, dim=1), F.softmax(teacher_logits / a.T, dim=1),
+                      reduction="batchmean") * a.T ** 2
+        return distillation.real_weight * F.cross_entropy(model(x), y) + distillation.syn_weight * kd
+
+
+if __name__ == "__main__":
+    sys.exit(main(FedHUG))
