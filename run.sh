@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# The comparison: every algorithm of the suite on the same partition and seed(s), then the
+# table (final-round and best-round accuracy, mean ± std over seeds) and the accuracy curves.
+# `bash run.sh --help` lists the options.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+    cat <<'EOF'
+usage: bash run.sh [options] [-- flags for every script]
+
+Runs fedavg, fedavgm, fedprox, moon, scaffold, fednova and fedhug on one partition and
+seed(s), then writes the comparison table and the accuracy-vs-round curves.
+
+options (each also read from the environment variable in capitals; a flag wins):
+  --profile quick|paper  quick (default): 15 rounds x 25 local iterations, FedHUG from
+                         round 10 with --g_steps 30 --synthesis_batch_size 64 (about
+                         7 minutes on 2 idle CPU cores); paper: the FedHUG paper's settings,
+                         70 rounds x 100 iterations, FedHUG from round 50, --g_steps 500,
+                         --synthesis_batch_size 256 (hours on a CPU)
+  --dataset NAME         fashionmnist (default), cifar10, cifar100
+  --partition NAME       noniid (default), iid, noniid-skew-K
+  --beta B               Dirichlet concentration of --partition noniid (default 0.1)
+  --n_parties N          number of clients (default 10)
+  --seeds "S ..."        seeds (default "0"); each seed is a run of every algorithm
+  --rounds R             communication rounds (default: the profile's)
+  --iters I              local iterations a round (default: the profile's)
+  --start_round R        FedHUG's first synthesis round (default: the profile's)
+  --g_steps G            FedHUG's synthesis steps (default: the profile's)
+  --budget B             FedHUG's --synthesis_batch_size (default: the profile's)
+  --algorithms "A ..."   a subset, e.g. "fedavg fedhug" (default: all)
+  --logroot DIR          output folder (default: log/ beside run.sh)
+  --fresh                start this invocation's runs over instead of continuing them
+  -h, --help             this text
+  -- FLAGS               passed to every script, e.g. -- --workers 2
+
+outputs, for the setting S = <dataset>_<partition>[_beta<B>][_<N>clients]:
+  LOGROOT/S/<algorithm>_seed<s>.log   what the script printed (its >> Round lines)
+  LOGROOT/S/runs/<algorithm>_seed<s>/ its run directory (log.txt, metrics.jsonl, config.yaml)
+  LOGROOT/S/table.md, LOGROOT/S/curves.png   built from every log in LOGROOT/S
+
+A run already in LOGROOT/S/runs is continued from its checkpoint (a finished one is only
+re-read); one made with other flags stops run.sh: use another LOGROOT (e.g.
+--logroot log-paper for the paper profile) or --fresh. A script that does not exist yet is
+skipped with a note.
+
+examples:
+  bash run.sh
+  bash run.sh --profile paper --seeds "0 1 2" --beta 0.5
+  ROUNDS=2 ITERS=5 ALGORITHMS="fedavg fedavgm" LOGROOT=/tmp/log bash run.sh
+EOF
+}
+
+die() {
+    echo "run.sh: $*" >&2
+    exit 2
+}
+
+# ----------------------------------------------------------------------------- options
+ALL_ALGORITHMS="fedavg fedavgm fedprox moon scaffold fednova fedhug"
+extra_flags=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        -h | --help) usage; exit 0 ;;
+        --fresh) FRESH=1; shift; continue ;;
+        --) shift; extra_flags=("$@"); break ;;
+    esac
+    option="${1%%=*}"
+    case "$option" in
+        --profile) variable=PROFILE ;;
+        --dataset) variable=DATASET ;;
+        --partition) variable=PARTITION ;;
+        --beta) variable=BETA ;;
+        --n_parties) variable=N_PARTIES ;;
+        --seeds) variable=SEEDS ;;
+        --rounds) variable=ROUNDS ;;
+        --iters) variable=ITERS ;;
+        --start_round) variable=START_ROUND ;;
+        --g_steps) variable=G_STEPS ;;
+        --budget) variable=BUDGET ;;
+        --algorithms) variable=ALGORITHMS ;;
+        --logroot) variable=LOGROOT ;;
+        -*) die "unknown option '$option' (see bash run.sh --help)" ;;
+        *) die "unexpected argument '$1' (options start with --; see bash run.sh --help)" ;;
+    esac
+    if [[ "$1" == *=* ]]; then
+        value="${1#*=}"; shift
+    else
+        [ $# -ge 2 ] || die "$option needs a value (see bash run.sh --help)"
+        value="$2"; shift 2
+    fi
+    [ -n "$value" ] || die "$option needs a value (see bash run.sh --help)"
+    printf -v "$variable" '%s' "$value"
+done
+
+PROFILE="${PROFILE:-quick}"
+case "$PROFILE" in
+    quick) profile_rounds=15 profile_iters=25 profile_start_round=10 profile_g_steps=30 profile_budget=64 ;;
+    paper) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=500 profile_budget=256 ;;
+    *) die "unknown profile '$PROFILE'; choose quick or paper" ;;
+esac
+DATASET="${DATASET:-fashionmnist}"
+PARTITION="${PARTITION:-noniid}"
+BETA="${BETA:-0.1}"
+N_PARTIES="${N_PARTIES:-10}"
+SEEDS="${SEEDS:-0}"
+ROUNDS="${ROUNDS:-$profile_rounds}"
+ITERS="${ITERS:-$profile_iters}"
+START_ROUND="${START_ROUND:-$profile_start_round}"
+G_STEPS="${G_STEPS:-$profile_g_steps}"
+BUDGET="${BUDGET:-$profile_budget}"
+ALGORITHMS="${ALGORITHMS:-$ALL_ALGORITHMS}"
+LOGROOT="${LOGROOT:-$here/log}"
+[[ "$LOGROOT" == /* ]] || LOGROOT="$PWD/$LOGROOT"      # relative to where run.sh was called from
+FRESH="${FRESH:-0}"
+
+for name in N_PARTIES ROUNDS ITERS START_ROUND G_STEPS BUDGET; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name must be a whole number (got '${!name}')"
+done
+[ -n "${SEEDS// /}" ] || die "SEEDS is empty; give one or more whole numbers, e.g. \"0 1 2\""
+for seed in $SEEDS; do
+    [[ "$seed" =~ ^[0-9]+$ ]] || die "seeds must be whole numbers (got '$seed' in SEEDS=\"$SEEDS\")"
+done
+[ -n "${ALGORITHMS// /}" ] || die "ALGORITHMS is empty; choose from: $ALL_ALGORITHMS"
+for algorithm in $ALGORITHMS; do
+    [[ " $ALL_ALGORITHMS " == *" $algorithm "* ]] || die "unknown algorithm '$algorithm'; choose from: $ALL_ALGORITHMS"
+done
+
+# ----------------------------------------------------------------------------- set-up
+source "$here/setup.sh"
+cd "$here"
+
+setting="${DATASET}_${PARTITION}"
+[ "$PARTITION" = noniid ] && setting+="_beta${BETA}"
+[ "$N_PARTIES" = 10 ] || setting+="_${N_PARTIES}clients"
+out="$LOGROOT/$setting"
+mkdir -p "$out/runs"
+
+common_flags=(--dataset "$DATASET" --partition "$PARTITION" --beta "$BETA" --n_parties "$N_PARTIES"
+              --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS")
+
+# The script and the flags that make each algorithm (the published command lines' values).
+algorithm_command() {
+    case "$1" in
+        fedavg) echo fedavg.py ;;
+        fedavgm) echo fedavg.py --server_momentum 0.9 ;;
+        fedprox) echo fedprox.py --mu 0.01 ;;
+        moon) echo moon.py --mu 0.1 ;;
+        scaffold) echo scaffold.py ;;
+        fednova) echo fednova.py ;;
+        fedhug) echo fedhug.py --start_round "$START_ROUND" --g_steps "$G_STEPS" --synthesis_batch_size "$BUDGET" ;;
+    esac
+}
+
+echo "run.sh: profile $PROFILE, setting $setting, seeds $SEEDS, $ROUNDS rounds x $ITERS local iterations, output $out"
+if [[ " $ALGORITHMS " == *" fedhug "* ]] && [ "$START_ROUND" -ge "$ROUNDS" ]; then
+    echo "run.sh: note: FedHUG starts synthesis at round $START_ROUND >= $ROUNDS rounds, so it runs as FedAvg (set START_ROUND)"
+fi
+
+started=$SECONDS
+failed=()
+for seed in $SEEDS; do
+    for algorithm in $ALGORITHMS; do
+        read -r -a command <<<"$(algorithm_command "$algorithm")"
+        if [ ! -f "${command[0]}" ]; then
+            echo "run.sh: note: ${command[0]} does not exist yet; skipping $algorithm"
+            continue
+        fi
+        name="${algorithm}_seed${seed}"
+        log="$out/$name.log"
+        run_dir="$out/runs/$name"
+        if [ "$FRESH" = 1 ]; then
+            rm -rf "$run_dir" "$log"
+        fi
+        resume=()
+        if [ -f "$run_dir/checkpoint.pt" ]; then
+            resume=(--resume "$run_dir")         # continue it (a finished run is only re-read)
+        elif [ -d "$run_dir" ]; then
+            rm -rf "$run_dir"                    # no round finished: nothing to keep
+        fi
+        [ -f "$log" ] && cp "$log" "$log.previous"
+        echo "run.sh: === $algorithm, seed $seed${resume:+ (continuing $run_dir)} ==="
+        status=0
+        python -u "${command[@]}" "${common_flags[@]}" --init_seed "$seed" \
+            --logdir "$out/runs" --log_file_name "$name" "${resume[@]}" "${extra_flags[@]}" 2>&1 \
+            | tee "$log" || status=$?
+        if [ "$status" -eq 2 ]; then             # bad flags: nothing ran, keep the earlier log
+            [ -f "$log.previous" ] && mv "$log.previous" "$log"
+            if [ ${#resume[@]} -gt 0 ]; then
+                die "$run_dir holds a run made with other flags (above); use another --logroot (e.g. log-$PROFILE) or --fresh"
+            fi
+            die "$algorithm refused its flags (above)"
+        fi
+        rm -f "$log.previous"
+        [ "$status" -eq 130 ] && die "interrupted; bash run.sh again continues from the checkpoints"
+        [ "$status" -eq 0 ] || failed+=("$algorithm seed $seed (exit $status, see $log)")
+    done
+done
+
+# ----------------------------------------------------------------------------- results
+if compgen -G "$out/*.log" >/dev/null; then
+    echo
+    python tables.py "$out" --output "$out/table.md"
+    python plot_curves.py "$out" -o "$out/curves.png"
+    echo "run.sh: table $out/table.md, curves $out/curves.png"
+else
+    echo "run.sh: no logs in $out, so no table"
+fi
+elapsed=$((SECONDS - started))
+echo "run.sh: elapsed $((elapsed / 60)) min $((elapsed % 60)) s"
+if [ ${#failed[@]} -gt 0 ]; then
+    printf 'run.sh: failed: %s\n' "${failed[@]}" >&2
+    exit 1
+fi

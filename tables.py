@@ -1,0 +1,310 @@
+"""The comparison table: final-round and best-round test accuracy of every algorithm in every
+setting, mean ± standard deviation over seeds.
+
+    python tables.py log/                                   # every *.log under log/
+    python tables.py log/fashionmnist_noniid_beta0.1 --format latex --output table.tex
+    python tables.py old_logs/fedavg.log old_logs/moon.log  # published-format logs work too
+
+A log is read only through its lines `>> Round {r} | Current Acc: {acc}, Best Acc: {best}`
+(the published FedHUG code's format; every other line is ignored):
+    final = Current Acc of the highest round,   best = max over rounds of Current Acc.
+Grouping: the algorithm is the file name without `.log` and without a `_seed<s>` suffix
+(`fedavgm_seed2.log` -> fedavgm); the setting is the folder the log lies in.
+"""
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import statistics
+import sys
+from dataclasses import dataclass
+
+ROUND_LINE = re.compile(r">> Round (\d+) \| Current Acc: ([0-9.eE+-]+), Best Acc: ([0-9.eE+-]+)")
+SEED_SUFFIX = re.compile(r"^(?P<algorithm>.+?)_seed(?P<seed>\d+)$")
+
+# Row order and display names of the suite's algorithms; other names keep their file name.
+ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "moon": "MOON",
+                   "scaffold": "SCAFFOLD", "fednova": "FedNova", "fedhug": "FedHUG"}
+
+FINAL_TITLE = "Final-round test accuracy (%)"
+BEST_TITLE = "Best-round test accuracy (%): best round (selected on the test set)"
+
+HELP_EPILOG = """\
+paths:
+  FOLDER   searched recursively for *.log files (tee'd logs, published-format logs);
+           the run directories that the scripts write (log.txt, metrics.jsonl) are not
+           read by the walk, so a run is never counted twice
+  FILE     one log file
+  RUN_DIR  a run directory (holding metrics.jsonl) named directly, e.g. log/*/runs/*;
+           its algorithm and seed come from its name like a log's (run.sh names them
+           <algorithm>_seed<s>), its setting from the folder above (above runs/ if in one)
+
+grouping (--group_by):
+  folder   setting = name of the folder the log lies in (default)
+  path     setting = that folder's path as given, for folders of the same name
+
+cells: mean ± sample standard deviation (ddof=1, Bessel's correction) over the runs
+(seeds) of one algorithm in one setting, accuracy in percent with 2 decimals; a cell of a
+single run shows the accuracy alone, without ±. The second table selects each run's best
+round on the test set: it is optimistic, report it beside the final round, not instead.
+csv: one row per (metric, setting, algorithm): runs, mean, std (empty for one run), rounds
+(a range such as 15-70 when the runs differ).
+"""
+
+
+@dataclass
+class RunCurve:
+    """One run's accuracy (a fraction in [0, 1]) at each logged round."""
+    setting: str
+    algorithm: str
+    seed: str            # "" when the file name carries no _seed<s> suffix
+    path: str
+    rounds: list
+    accuracies: list
+
+    @property
+    def final(self):
+        return self.accuracies[-1]
+
+    @property
+    def best(self):
+        return max(self.accuracies)
+
+    @property
+    def num_rounds(self):
+        """Rounds run, counted from the logged round numbers (which start at 0)."""
+        return self.rounds[-1] + 1
+
+
+class NoLogs(Exception):
+    """Nothing readable at the paths given: printed as one line, exit status 2."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+def split_name(stem):
+    """'fedavgm_seed2' -> ('fedavgm', '2'); 'moon' -> ('moon', '')."""
+    match = SEED_SUFFIX.match(stem)
+    return (match["algorithm"], match["seed"]) if match else (stem, "")
+
+
+def curve_from_rounds(by_round, setting, stem, path):
+    """Sort {round: accuracy} into a RunCurve (a replayed or repeated round keeps its last value)."""
+    algorithm, seed = split_name(stem)
+    rounds = sorted(by_round)
+    return RunCurve(setting, algorithm, seed, path, rounds, [by_round[r] for r in rounds])
+
+
+def read_log(path, setting):
+    """A RunCurve from the `>> Round` lines of a text log, or None when it has none."""
+    by_round = {}
+    with open(path, errors="replace") as f:
+        for line in f:
+            for match in ROUND_LINE.finditer(line):   # finditer: tqdm's \r can glue lines together
+                by_round[int(match[1])] = float(match[2])
+    if not by_round:
+        return None
+    return curve_from_rounds(by_round, setting, os.path.splitext(os.path.basename(path))[0], path)
+
+
+def read_run_dir(path, setting):
+    """A RunCurve from a run directory's metrics.jsonl (one JSON record a round)."""
+    by_round = {}
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        for line in f:
+            if line.strip():
+                record = json.loads(line)
+                by_round[int(record["round"])] = float(record["accuracy"])
+    if not by_round:
+        return None
+    return curve_from_rounds(by_round, setting, os.path.basename(os.path.normpath(path)), path)
+
+
+def setting_of(folder, group_by):
+    folder = os.path.normpath(folder)
+    return os.path.basename(os.path.abspath(folder)) if group_by == "folder" else folder
+
+
+def collect_runs(paths, group_by="folder"):
+    """Every run under `paths` (folders, .log files, run directories), as RunCurves."""
+    runs, empty = [], []
+    for path in paths:
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "metrics.jsonl")):
+            parent = os.path.dirname(os.path.abspath(os.path.normpath(path)))
+            if os.path.basename(parent) == "runs":
+                parent = os.path.dirname(parent)
+            found = [(read_run_dir, path, parent)]
+        elif os.path.isdir(path):
+            found = [(read_log, os.path.join(folder, name), folder)
+                     for folder, subfolders, names in sorted(os.walk(path))
+                     for name in sorted(names) if name.endswith(".log")]
+        elif os.path.isfile(path):
+            found = [(read_log, path, os.path.dirname(path) or ".")]
+        else:
+            raise NoLogs(f"{path} does not exist")
+        if not found:
+            raise NoLogs(f"no *.log files under {path} (give a folder of logs, a .log file "
+                         "or a run directory holding metrics.jsonl)")
+        for reader, file, folder in found:
+            run = reader(file, setting_of(folder, group_by))
+            if run is None:
+                empty.append(file)
+            else:
+                runs.append(run)
+    for file in empty:
+        print(f"warning: {file} has no '>> Round' lines; skipped", file=sys.stderr)
+    if not runs:
+        raise NoLogs(f"no '>> Round' lines in the logs at {', '.join(paths)}")
+    return runs
+
+
+# ----------------------------------------------------------------------------- the table
+
+def algorithm_order(algorithms):
+    known = [a for a in ALGORITHM_NAMES if a in algorithms]
+    return known + sorted(a for a in algorithms if a not in ALGORITHM_NAMES)
+
+
+def display_name(algorithm):
+    return ALGORITHM_NAMES.get(algorithm, algorithm)
+
+
+def summarise(values):
+    """(mean, sample std with ddof=1 or None for one value) of accuracies in percent."""
+    percent = [100.0 * v for v in values]
+    return statistics.fmean(percent), (statistics.stdev(percent) if len(percent) > 1 else None)
+
+
+def span(numbers):
+    """'3' when all numbers are 3, '1-3' when they range from 1 to 3."""
+    numbers = sorted(set(numbers))
+    return f"{numbers[0]}" if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
+
+
+def cell_text(mean, std):
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
+class Comparison:
+    """The runs grouped into cells: (setting, algorithm) -> [RunCurve]."""
+
+    def __init__(self, runs):
+        self.cells = {}
+        for run in runs:
+            self.cells.setdefault((run.setting, run.algorithm), []).append(run)
+        self.settings = sorted({s for s, _ in self.cells})
+        self.algorithms = algorithm_order({a for _, a in self.cells})
+
+    def values(self, metric, setting, algorithm):
+        """The runs' final or best accuracies (fractions) in one cell; [] when it is empty."""
+        return [getattr(run, metric) for run in self.cells.get((setting, algorithm), [])]
+
+    def footnote(self):
+        runs_per_cell = span(len(runs) for runs in self.cells.values())
+        rounds = span(run.num_rounds for runs in self.cells.values() for run in runs)
+        return (f"mean ± sample std (ddof=1) over {runs_per_cell} run(s) (seeds) per cell, a single "
+                f"run without ±; final round = last logged round ({rounds} rounds)")
+
+    def warn_uneven_rounds(self):
+        for setting in self.settings:
+            lengths = {run.num_rounds for (s, _), runs in self.cells.items() if s == setting for run in runs}
+            if len(lengths) > 1:
+                print(f"warning: setting {setting}: runs of different lengths "
+                      f"({', '.join(str(n) for n in sorted(lengths))} rounds); its final-round cells are not "
+                      "comparable (an unfinished run, or logs of another profile)", file=sys.stderr)
+
+    def grid(self, metric):
+        """Rows of cell texts ('' for an empty cell), one per algorithm, one column per setting."""
+        rows = []
+        for algorithm in self.algorithms:
+            row = []
+            for setting in self.settings:
+                values = self.values(metric, setting, algorithm)
+                row.append(cell_text(*summarise(values)) if values else "")
+            rows.append(row)
+        return rows
+
+
+# ----------------------------------------------------------------------------- formats
+
+def to_markdown(comparison):
+    parts = []
+    for title, metric in ((FINAL_TITLE, "final"), (BEST_TITLE, "best")):
+        lines = [f"### {title}", "",
+                 "| algorithm | " + " | ".join(comparison.settings) + " |",
+                 "|---|" + "---:|" * len(comparison.settings)]
+        for algorithm, row in zip(comparison.algorithms, comparison.grid(metric)):
+            lines.append(f"| {display_name(algorithm)} | " + " | ".join(c or "–" for c in row) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\n" + comparison.footnote() + "\n"
+
+
+def latex_escape(text):
+    return re.sub(r"([_&%#$])", r"\\\1", text)
+
+
+def to_latex(comparison):
+    """Two booktabs tables; cells as $mean \\pm std$."""
+    parts = []
+    for title, metric in ((FINAL_TITLE, "final"), (BEST_TITLE, "best")):
+        lines = [r"\begin{table}[t]", r"\centering",
+                 rf"\caption{{{latex_escape(title.replace('%', 'percent'))}}}",
+                 r"\begin{tabular}{l" + "c" * len(comparison.settings) + "}", r"\toprule",
+                 "Algorithm & " + " & ".join(latex_escape(s) for s in comparison.settings) + r" \\",
+                 r"\midrule"]
+        for algorithm, row in zip(comparison.algorithms, comparison.grid(metric)):
+            cells = ["$" + c.replace("±", r"\pm") + "$" if c else "--" for c in row]
+            lines.append(f"{latex_escape(display_name(algorithm))} & " + " & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        parts.append("\n".join(lines))
+    return f"% {comparison.footnote()}\n" + "\n\n".join(parts) + "\n"
+
+
+def to_csv(comparison):
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["metric", "setting", "algorithm", "runs", "mean", "std", "rounds"])
+    for metric in ("final", "best"):
+        for algorithm in comparison.algorithms:
+            for setting in comparison.settings:
+                runs = comparison.cells.get((setting, algorithm))
+                if not runs:
+                    continue
+                mean, std = summarise(comparison.values(metric, setting, algorithm))
+                writer.writerow([metric, setting, algorithm, len(runs), f"{mean:.4f}",
+                                 "" if std is None else f"{std:.4f}", span(run.num_rounds for run in runs)])
+    return out.getvalue()
+
+
+FORMATS = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Comparison table of final-round and best-round test accuracy "
+                    "(mean ± std over seeds) from federated-learning logs.",
+        epilog=HELP_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="folders, .log files or run directories")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="markdown")
+    parser.add_argument("--output", "-o", help="also write the table to this file")
+    parser.add_argument("--group_by", choices=("folder", "path"), default="folder",
+                        help="how a log's setting (table column) is named (default: folder)")
+    args = parser.parse_args(argv)
+    try:
+        comparison = Comparison(collect_runs(args.paths, args.group_by))
+    except NoLogs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    comparison.warn_uneven_rounds()
+    text = FORMATS[args.format](comparison)
+    print(text, end="")
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
