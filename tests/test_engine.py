@@ -165,3 +165,16 @@ def test_unwritable_output_and_existing_run_are_refused(tmp_path):
     again = run_script("fedavg.py", "--comm_round", "1", logdir=tmp_path, name="kept")
     assert again.returncode == 2 and "already holds a run" in again.stderr
     assert {p: p.read_bytes() for p in (tmp_path / "kept").iterdir()} == before
+
+
+def test_every_algorithm_starts_from_the_same_initial_weights(tmp_path):
+    """With their extra terms switched off, FedProx, MOON and FedHUG (before --start_round)
+    are FedAvg: the same seed must then give the same log."""
+    runs = {script: run_script(script, *SMALL, *extra, logdir=tmp_path, name=script)
+            for script, extra in [("fedavg.py", []), ("fedprox.py", ["--mu", "0"]), ("moon.py", ["--mu", "0"]),
+                                  ("fedhug.py", ["--start_round", "2"])]}
+    for script, result in runs.items():
+        assert result.returncode == 0, (script, result.stderr)
+    fedavg = round_accuracies(runs["fedavg.py"].stdout)
+    for script in ("fedprox.py", "moon.py", "fedhug.py"):
+        assert round_accuracies(runs[script].stdout) == fedavg, script
