@@ -212,12 +212,13 @@ def augment_batch(images_uint8, mean, std, generator, padding=4):
     offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)
     flips = (torch.rand(b, generator=generator) < 0.5).to(device)
     padded = torch.nn.functional.pad(images_uint8, (padding,) * 4)
+    padded_width = w + 2 * padding
     rows = offsets[0].view(b, 1) + torch.arange(h, device=device).view(1, h)
     cols = offsets[1].view(b, 1) + torch.arange(w, device=device).view(1, w)
     cols = torch.where(flips.view(b, 1), cols.flip(1), cols)
-    batch_index = torch.arange(b, device=device).view(b, 1, 1, 1)
-    channel_index = torch.arange(c, device=device).view(1, c, 1, 1)
-    cropped = padded[batch_index, channel_index, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+    # one gather over the flattened padded image: pixel (i, j) of the crop is padded[rows_i, cols_j]
+    source = (rows.view(b, h, 1) * padded_width + cols.view(b, 1, w)).view(b, 1, h * w)
+    cropped = padded.reshape(b, c, -1).gather(2, source.expand(b, c, h * w)).view(b, c, h, w)
     return normalise(cropped, mean, std)
 
 
