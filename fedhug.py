@@ -64,7 +64,7 @@ class FedHUG(FedAvg):
 
     def __init__(self, args, data, client_indices, device):
         super().__init__(args, data, client_indices, device)
-        # a copy draws no random numbers, so the initial global model stays every algorithm's
+        # the student: each client's previous local model is loaded into it (frozen, like the teacher)
         self.previous_model = copy.deepcopy(self.global_model)
 
     @classmethod
