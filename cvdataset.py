@@ -222,29 +222,38 @@ def augment_batch(images_uint8, mean, std, generator, padding=4):
     return normalise(cropped, mean, std)
 
 
-class BatchStream:
-    """Endless shuffled mini-batches of one client's data, reshuffled whenever exhausted;
-    the last batch of a pass may be smaller (a DataLoader with drop_last=False)."""
+class ShuffledBatches:
+    """Endless shuffled mini-batches of in-memory tensors (all of the same length), reshuffled
+    with `generator` whenever exhausted; the last batch of a pass may be smaller (a
+    DataLoader with drop_last=False)."""
 
-    def __init__(self, images, labels, batch_size, generator, mean, std, augment=True):
-        self.images, self.labels = images, labels
-        self.batch_size, self.generator = batch_size, generator
-        self.mean, self.std, self.augment = mean, std, augment
+    def __init__(self, tensors, batch_size, generator):
+        self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
         self.order, self.position = None, 0
 
     def next(self):
-        n = len(self.labels)
+        n = len(self.tensors[0])
         if self.order is None or self.position >= n:
-            self.order = torch.randperm(n, generator=self.generator).to(self.labels.device)
+            self.order = torch.randperm(n, generator=self.generator).to(self.tensors[0].device)
             self.position = 0
         index = self.order[self.position: self.position + self.batch_size]
         self.position += self.batch_size
-        images = self.images[index]
+        return tuple(t[index] for t in self.tensors)
+
+
+class BatchStream(ShuffledBatches):
+    """One client's shuffled batches of uint8 images, augmented (or only normalised) as they
+    are drawn, with their labels."""
+
+    def __init__(self, images, labels, batch_size, generator, mean, std, augment=True):
+        super().__init__((images, labels), batch_size, generator)
+        self.mean, self.std, self.augment = mean, std, augment
+
+    def next(self):
+        images, labels = super().next()
         if self.augment:
-            x = augment_batch(images, self.mean, self.std, self.generator)
-        else:
-            x = normalise(images, self.mean, self.std)
-        return x, self.labels[index]
+            return augment_batch(images, self.mean, self.std, self.generator), labels
+        return normalise(images, self.mean, self.std), labels
 
 
 # ----------------------------------------------------------------------------- partitions

@@ -31,24 +31,6 @@ from federation import FedAvg, main
 from utils import UsageError
 
 
-class SyntheticBatches:
-    """Endless shuffled mini-batches of an in-memory synthetic set (inputs, teacher logits),
-    reshuffled with `generator` whenever exhausted."""
-
-    def __init__(self, inputs, teacher_logits, batch_size, generator):
-        self.inputs, self.teacher_logits = inputs, teacher_logits
-        self.batch_size, self.generator = batch_size, generator
-        self.order, self.position = None, 0
-
-    def next(self):
-        if self.order is None or self.position >= len(self.inputs):
-            self.order = torch.randperm(len(self.inputs), generator=self.generator).to(self.inputs.device)
-            self.position = 0
-        index = self.order[self.position: self.position + self.batch_size]
-        self.position += self.batch_size
-        return self.inputs[index], self.teacher_logits[index]
-
-
 @dataclass
 class Distillation:
     """One client's synthesis for this round, kept on its context as `ctx.distillation`:
@@ -56,7 +38,7 @@ class Distillation:
     targets: torch.Tensor          # the class of every synthetic sample
     real_weight: float
     syn_weight: float
-    batches: SyntheticBatches
+    batches: cvdataset.ShuffledBatches   # (inputs, teacher logits)
 
 
 class FedHUG(FedAvg):
@@ -108,7 +90,7 @@ class FedHUG(FedAvg):
         inputs, teacher_logits = synthesis.synthesize(
             ctx.global_model, student, targets, self.data.image_shape, ctx.generator, a.g_steps, a.lr_g,
             a.bn, a.oh, a.ua_entropy_weight, a.ua_boundary_lambda, bf16=a.synthesis_bf16)
-        return SyntheticBatches(inputs, teacher_logits, a.batch_size, ctx.generator)
+        return cvdataset.ShuffledBatches((inputs, teacher_logits), a.batch_size, ctx.generator)
 
     def local_loss(self, model, x, y, ctx):
         """real_w * CE(model(x), y) + syn_w * T^2 * KL(softmax(t/T) || softmax(model(x_syn)/T))."""

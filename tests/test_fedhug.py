@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import cvdataset
 import synthesis
 from conftest import run_script
-from fedhug import Distillation, FedHUG, SyntheticBatches
+from cvdataset import ShuffledBatches
+from fedhug import Distillation, FedHUG
 from federation import FedAvg, clone_weights, load_checkpoint
 from models import build_model
 from utils import build_parser, parse_args
@@ -84,7 +85,7 @@ def test_local_loss_mixes_real_cross_entropy_and_distillation_by_hand():
     g = torch.Generator().manual_seed(3)
     syn_x, teacher = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
     x, y = torch.randn(2, 4, generator=g), torch.tensor([0, 2])
-    batches = SyntheticBatches(syn_x, teacher, 8, torch.Generator().manual_seed(0))
+    batches = ShuffledBatches((syn_x, teacher), 8, torch.Generator().manual_seed(0))
     ctx = types.SimpleNamespace(round=1, step=0, distillation=Distillation(None, 0.25, 0.75, batches))
     loss = make(FedHUG, args, data, parts, None).local_loss(model, x, y, ctx)
     with torch.no_grad():
@@ -97,7 +98,7 @@ def test_local_loss_mixes_real_cross_entropy_and_distillation_by_hand():
 
 def test_synthetic_batches_cover_the_set_and_reshuffle():
     inputs = torch.arange(10.0).view(10, 1)
-    batches = SyntheticBatches(inputs, inputs * 2, 4, torch.Generator().manual_seed(0))
+    batches = ShuffledBatches((inputs, inputs * 2), 4, torch.Generator().manual_seed(0))
     first_pass = [batches.next() for _ in range(3)]
     assert [len(x) for x, _ in first_pass] == [4, 4, 2]
     assert sorted(torch.cat([x for x, _ in first_pass]).view(-1).tolist()) == list(range(10))
