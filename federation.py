@@ -152,8 +152,9 @@ class FedAvg:
         return ctx.state
 
     def upload(self, ctx, model):
-        """What the client sends: its model weights."""
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """What the client sends: its model weights (the state-dict entries of the upload are
+        the weights the server averages)."""
+        return clone_weights(model.state_dict())
 
     def client_update(self, global_weights, client_state, client_id, round_index, message=None):
         """One client's round: a pure function of its inputs and the derived seed."""
@@ -190,8 +191,8 @@ class FedAvg:
         state = self.client_state_after(ctx, model)
         metrics = {"train_loss": mean_loss,
                    "steps": self.args.num_local_iterations}
-        return ClientResult(client_id, ctx.num_samples, clone_weights(model.state_dict()), state,
-                            upload, metrics, ctx.log_lines)
+        weights = {k: upload[k] for k in model.state_dict()}     # the uploaded copies, not cloned again
+        return ClientResult(client_id, ctx.num_samples, weights, state, upload, metrics, ctx.log_lines)
 
     # ------------------------------------------------------------------ server side
     def server_update(self, global_weights, results, server_state):
