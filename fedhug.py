@@ -18,7 +18,6 @@ global = the current global model (formulas in synthesis.py):
         --model simplecnn-mnist --n_parties 10 --sample_fraction 1.0 \\
         --num_local_iterations 100 --start_round 50 --comm_round 70 --save_model
 """
-import copy
 import sys
 from dataclasses import dataclass
 
@@ -27,8 +26,11 @@ import torch.nn.functional as F
 
 import cvdataset
 import synthesis
-from federation import FedAvg, main
+from engine import Flag, main
+from fedavg import FedAvg
 from utils import UsageError
+
+PUBLISHED = "the published FedHUG code (SPEC section 6)"
 
 
 @dataclass
@@ -43,14 +45,35 @@ class Distillation:
 
 class FedHUG(FedAvg):
     name = "fedhug"
-
-    def __init__(self, args, data, client_indices, device):
-        super().__init__(args, data, client_indices, device)
-        # the student: each client's previous local model is loaded into it (frozen, like the teacher)
-        self.previous_model = copy.deepcopy(self.global_model)
+    keeps_local_model = True    # net = theta_k^{t-1}, the student and the drift's reference
+    flags = (
+        Flag("start_round", int, 50, "first round with synthesis (rounds before are FedAvg)", PUBLISHED),
+        Flag("g_steps", int, 500, "synthesis steps", PUBLISHED),
+        Flag("lr_g", float, 0.01, "Adam learning rate of the synthesised inputs", PUBLISHED),
+        Flag("synthesis_batch_size", int, 256, "base synthesis budget", PUBLISHED),
+        Flag("bn", float, 0.0, "weight of the BN-statistic loss", PUBLISHED),
+        Flag("oh", float, 1.0, "weight of the teacher's cross-entropy", PUBLISHED),
+        Flag("ua_uncertainty_beta", float, 1.0, "weight beta_u of the entropy in the class distribution", PUBLISHED),
+        Flag("ua_entropy_batches", int, 2, "batches of client data for the per-class entropy", PUBLISHED),
+        Flag("ua_budget_alpha", float, 1.0, "budget scale = 1 + alpha * drift", PUBLISHED),
+        Flag("ua_budget_min_scale", float, 0.5, "lower clamp of the budget scale", PUBLISHED),
+        Flag("ua_budget_max_scale", float, 2.0, "upper clamp of the budget scale", PUBLISHED),
+        Flag("ua_entropy_weight", float, 0.3, "weight of the student's entropy in synthesis", PUBLISHED),
+        Flag("ua_boundary_lambda", float, 0.1, "weight of the student's top-1/top-2 margin in synthesis", PUBLISHED),
+        Flag("T", float, 1.0, "distillation temperature", PUBLISHED),
+        Flag("double_gen", bool, False, "re-synthesise once halfway through local training", PUBLISHED),
+        Flag("synthesis_bf16", bool, False, "bf16 autocast in synthesis (faster on CPUs with bf16 units; "
+             "other numbers)", "this suite (off: fp32 as published)"),
+    )
 
     @classmethod
     def check_args(cls, args):
+        for flag in ("g_steps", "synthesis_batch_size"):
+            if getattr(args, flag) < 1:
+                raise UsageError(f"--{flag} must be a positive integer (got {getattr(args, flag)})")
+        for flag in ("lr_g", "T"):
+            if not getattr(args, flag) > 0:
+                raise UsageError(f"--{flag} must be > 0 (got {getattr(args, flag)})")
         if args.start_round < 0:
             raise UsageError(f"--start_round must be >= 0 (got {args.start_round})")
         if args.start_round > args.comm_round:
@@ -62,14 +85,14 @@ class FedHUG(FedAvg):
         a = self.args
         if ctx.round < a.start_round:
             return
-        self.previous_model.load_state_dict(ctx.previous_weights)
-        drift = synthesis.drift(ctx.previous_weights, ctx.global_weights)
+        self.previous_model = self.frozen_model("previous", ctx.architecture, ctx.previous_weights)
+        drift = synthesis.drift(ctx.previous_weights, ctx.download["weights"])
         budget = synthesis.synthesis_budget(drift, a.synthesis_batch_size, a.ua_budget_alpha,
                                             a.ua_budget_min_scale, a.ua_budget_max_scale, self.num_classes)
         entropy = synthesis.per_class_entropy(self.previous_model, self.entropy_batches(ctx), self.num_classes)
-        distribution = synthesis.class_distribution(ctx.class_counts, entropy, a.ua_uncertainty_beta)
+        distribution = synthesis.class_distribution(ctx.data.class_counts, entropy, a.ua_uncertainty_beta)
         targets = synthesis.synthesis_targets(distribution, budget).to(self.device)
-        real_weight, syn_weight = synthesis.loss_weights(ctx.class_counts)
+        real_weight, syn_weight = synthesis.loss_weights(ctx.data.class_counts)
         batches = self.synthesize(ctx, targets, student=self.previous_model)
         ctx.distillation = Distillation(targets, real_weight, syn_weight, batches)
         ctx.log(f"fedhug client {ctx.client_id}: drift {drift:.4f}, budget {budget} ({len(targets)} synthesised), "
@@ -78,9 +101,7 @@ class FedHUG(FedAvg):
 
     def entropy_batches(self, ctx):
         """--ua_entropy_batches shuffled, un-augmented batches of the client's training data."""
-        k = ctx.client_id
-        stream = cvdataset.BatchStream(self.client_images[k], self.client_labels[k], self.args.batch_size,
-                                       ctx.generator, self.data.mean, self.data.std, augment=False)
+        stream = ctx.data.stream(ctx.generator, augment=False)
         return [stream.next() for _ in range(self.args.ua_entropy_batches)]
 
     def synthesize(self, ctx, targets, student):
@@ -88,7 +109,7 @@ class FedHUG(FedAvg):
         with the teacher's logits on them, served as shuffled batches."""
         a = self.args
         inputs, teacher_logits = synthesis.synthesize(
-            ctx.global_model, student, targets, self.data.image_shape, ctx.generator, a.g_steps, a.lr_g,
+            ctx.global_model, student, targets, self.image_shape, ctx.generator, a.g_steps, a.lr_g,
             a.bn, a.oh, a.ua_entropy_weight, a.ua_boundary_lambda, bf16=a.synthesis_bf16)
         return cvdataset.ShuffledBatches((inputs, teacher_logits), a.batch_size, ctx.generator)
 

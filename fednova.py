@@ -15,7 +15,8 @@ With equal tau for every client and rho = 0 this is exactly FedAvg.
 """
 import sys
 
-from federation import FedAvg, main, weighted_average
+from engine import main, weighted_average
+from fedavg import FedAvg
 from utils import UsageError
 
 
@@ -38,18 +39,21 @@ class FedNova(FedAvg):
         if args.server_momentum != 0:
             raise UsageError("FedNova has no server momentum; drop --server_momentum")
 
-    def server_update(self, global_weights, results, server_state):
+    def server_update(self, server_state, results, server):
         """w_global - (sum_i p_i a_i) * sum_i p_i (w_global - w_i) / a_i."""
+        global_weights = server_state["weights"]
         total = sum(r.num_samples for r in results)
         shares = [r.num_samples / total for r in results]
         factors = [normalising_factor(r.metrics["steps"], self.args.momentum) for r in results]
         effective_steps = sum(p * a for p, a in zip(shares, factors))
-        new_weights = weighted_average([r.weights for r in results], [r.num_samples for r in results])
-        for name, _ in self.local_model.named_parameters():
+        uploaded = [r.upload["weights"] for r in results]
+        new_weights = weighted_average(uploaded, [r.num_samples for r in results])
+        for name, _ in self.model("local").named_parameters():
             w = global_weights[name].double()
-            direction = sum(p * (w - r.weights[name].double()) / a for p, a, r in zip(shares, factors, results))
+            direction = sum(p * (w - weights[name].double()) / a for p, a, weights in zip(shares, factors, uploaded))
             new_weights[name] = (w - effective_steps * direction).to(global_weights[name].dtype)
-        return new_weights
+        server_state["weights"] = new_weights
+        return server_state
 
 
 if __name__ == "__main__":

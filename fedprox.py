@@ -8,12 +8,14 @@ import sys
 
 import torch.nn.functional as F
 
-from federation import FedAvg, main
+from engine import Flag, main
+from fedavg import FedAvg
 from utils import UsageError
 
 
 class FedProx(FedAvg):
     name = "fedprox"
+    flags = (Flag("mu", float, 0.01, "proximal weight mu", "the published code's default and the seed's command line"),)
 
     @classmethod
     def check_args(cls, args):

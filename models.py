@@ -54,18 +54,54 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.base(x))
 
 
-MODEL_INPUTS = {"simplecnn": (3, 32), "simplecnn-mnist": (1, 28)}
+# name -> (builder(num_classes), input shape). register_model adds one (a test's tiny model,
+# a family's architectures); MODEL_GROUPS names lists of them for --client_models.
+MODELS = {
+    "simplecnn": (lambda num_classes: SimpleCNN(3, 32, num_classes), (3, 32, 32)),
+    "simplecnn-mnist": (lambda num_classes: SimpleCNN(1, 28, num_classes), (1, 28, 28)),
+}
+MODEL_GROUPS = {}
+DATASET_SHAPES = {"fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
+
+
+def register_model(name, builder, input_shape):
+    """Make `name` buildable: builder(num_classes) -> nn.Module taking inputs of input_shape."""
+    MODELS[name] = (builder, tuple(input_shape))
 
 
 def build_model(name, num_classes, image_shape=None):
-    """`simplecnn` (3x32x32) or `simplecnn-mnist` (1x28x28); a clear error if the data does not fit."""
-    if name not in MODEL_INPUTS:
-        raise UsageError(f"unknown model '{name}'; choose one of {', '.join(MODEL_INPUTS)}")
-    channels, size = MODEL_INPUTS[name]
-    if image_shape is not None and tuple(image_shape) != (channels, size, size):
-        raise UsageError(f"model {name} takes {channels}x{size}x{size} inputs but the data is "
+    """The architecture `name`; a clear error if it is unknown or the data does not fit."""
+    if name not in MODELS:
+        raise UsageError(f"unknown model '{name}'; choose one of {', '.join(MODELS)}")
+    builder, shape = MODELS[name]
+    if image_shape is not None and tuple(image_shape) != shape:
+        raise UsageError(f"model {name} takes {'x'.join(map(str, shape))} inputs but the data is "
                          f"{'x'.join(map(str, image_shape))}")
-    return SimpleCNN(channels, size, num_classes)
+    return builder(num_classes)
+
+
+def client_architectures(spec, default, n_parties):
+    """--client_models: a group name or A,B,... -> the architecture of every client (k mod M)."""
+    if not spec:
+        return [default] * n_parties
+    names = MODEL_GROUPS.get(spec) or [name.strip() for name in spec.split(",") if name.strip()]
+    return [names[k % len(names)] for k in range(n_parties)]
+
+
+def resolve_models(args):
+    """Default --model for the dataset; check --model and --client_models exist and fit the data."""
+    shape = DATASET_SHAPES[args.dataset]
+    if args.model is None:
+        args.model = next(name for name, (_, s) in MODELS.items() if s == shape)
+    names = [args.model] + client_architectures(args.client_models, args.model, args.n_parties)
+    for flag, name in zip(["--model"] + ["--client_models"] * args.n_parties, names):
+        if name not in MODELS:
+            raise UsageError(f"unknown {flag} '{name}'; choose one of {', '.join(MODELS)}"
+                             + (f" or a group: {', '.join(MODEL_GROUPS)}" if MODEL_GROUPS else ""))
+        if MODELS[name][1] != shape:
+            fitting = [n for n, (_, s) in MODELS.items() if s == shape]
+            raise UsageError(f"{flag} {name} does not fit --dataset {args.dataset} "
+                             f"(use one of {', '.join(fitting)})")
 
 
 def count_parameters(model):

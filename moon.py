@@ -6,7 +6,8 @@ current global model and z_prev from the client's previous local model (both fro
     loss = CE(model(x), y) + mu * CE([cos(z, z_global), cos(z, z_prev)] / temperature, target 0)
 
 A client's previous model is its trained model from the last round it took part in; before
-its first round it is the run's initial global model (the engine's ctx.previous_weights).
+its first round it is the run's initial global model (the engine's ctx.previous_weights, kept
+because MOON declares keeps_local_model).
 
     python -u moon.py --mu 0.1 --dataset fashionmnist --partition noniid --beta 0.1 --comm_round 70
 """
@@ -15,18 +16,20 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from federation import FedAvg, main
+from engine import Flag, main
+from fedavg import FedAvg
 from utils import UsageError
+
+SEED_COMMAND_LINE = "the seed's command line `moon.py --mu 0.1` (seeds/fedhug-readme.md)"
 
 
 class MOON(FedAvg):
     name = "moon"
-
-    def __init__(self, args, data, client_indices, device):
-        super().__init__(args, data, client_indices, device)
-        self.previous_model = self.new_model()
-        self.previous_model.requires_grad_(False)
-        self.previous_model.eval()
+    keeps_local_model = True
+    flags = (
+        Flag("mu", float, 0.1, "weight mu of the model-contrastive term", SEED_COMMAND_LINE),
+        Flag("temperature", float, 0.5, "contrastive temperature", "Li, He and Song 2021 (SPEC section 5)"),
+    )
 
     @classmethod
     def check_args(cls, args):
@@ -37,7 +40,7 @@ class MOON(FedAvg):
 
     def prepare_client(self, ctx, model):
         """Load the client's previous local model (the initial global model if it never trained)."""
-        self.previous_model.load_state_dict(ctx.previous_weights)
+        self.previous_model = self.frozen_model("previous", ctx.architecture, ctx.previous_weights)
 
     def local_loss(self, model, x, y, ctx):
         """CE + mu * CE([cos(z, z_global), cos(z, z_prev)] / temperature, target 0)."""

@@ -9,8 +9,9 @@ usage() {
     cat <<'EOF'
 usage: bash run.sh [options] [-- flags for every script]
 
-Runs fedavg, fedavgm, fedprox, moon, scaffold, fednova and fedhug on one partition and
-seed(s), then writes the comparison table and the accuracy-vs-round curves.
+Runs the algorithms of the registry (engine/registry.py; default: fedavg, fedavgm, fedprox,
+moon, scaffold, fednova and fedhug) on one partition and seed(s), then writes the comparison
+table and the accuracy-vs-round curves.
 
 options (each also read from the environment variable in capitals; a flag wins):
   --profile quick|paper  quick (default): 15 rounds x 25 local iterations, FedHUG from
@@ -28,7 +29,8 @@ options (each also read from the environment variable in capitals; a flag wins):
   --start_round R        FedHUG's first synthesis round (default: the profile's)
   --g_steps G            FedHUG's synthesis steps (default: the profile's)
   --budget B             FedHUG's --synthesis_batch_size (default: the profile's)
-  --algorithms "A ..."   a subset, e.g. "fedavg fedhug" (default: all)
+  --algorithms "A ..."   any names of python main.py --list, e.g. "fedavg fedhug"
+                         (default: the seven of the FedHUG paper's table)
   --logroot DIR          output folder (default: log/ beside run.sh)
   --fresh                start this invocation's runs over instead of continuing them
   -h, --help             this text
@@ -57,7 +59,8 @@ die() {
 }
 
 # ----------------------------------------------------------------------------- options
-ALL_ALGORITHMS="fedavg fedavgm fedprox moon scaffold fednova fedhug"
+KNOWN_ALGORITHMS="$(python3 "$here/engine/registry.py" --names)"   # the registry, read without torch
+DEFAULT_ALGORITHMS="fedavg fedavgm fedprox moon scaffold fednova fedhug"
 extra_flags=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -109,7 +112,7 @@ ITERS="${ITERS:-$profile_iters}"
 START_ROUND="${START_ROUND:-$profile_start_round}"
 G_STEPS="${G_STEPS:-$profile_g_steps}"
 BUDGET="${BUDGET:-$profile_budget}"
-ALGORITHMS="${ALGORITHMS:-$ALL_ALGORITHMS}"
+ALGORITHMS="${ALGORITHMS:-$DEFAULT_ALGORITHMS}"
 LOGROOT="${LOGROOT:-$here/log}"
 [[ "$LOGROOT" == /* ]] || LOGROOT="$PWD/$LOGROOT"      # relative to where run.sh was called from
 FRESH="${FRESH:-0}"
@@ -121,9 +124,9 @@ done
 for seed in $SEEDS; do
     [[ "$seed" =~ ^[0-9]+$ ]] || die "seeds must be whole numbers (got '$seed' in SEEDS=\"$SEEDS\")"
 done
-[ -n "${ALGORITHMS// /}" ] || die "ALGORITHMS is empty; choose from: $ALL_ALGORITHMS"
+[ -n "${ALGORITHMS// /}" ] || die "ALGORITHMS is empty; choose from: $KNOWN_ALGORITHMS"
 for algorithm in $ALGORITHMS; do
-    [[ " $ALL_ALGORITHMS " == *" $algorithm "* ]] || die "unknown algorithm '$algorithm'; choose from: $ALL_ALGORITHMS"
+    [[ " $KNOWN_ALGORITHMS " == *" $algorithm "* ]] || die "unknown algorithm '$algorithm'; choose from: $KNOWN_ALGORITHMS"
 done
 
 # ----------------------------------------------------------------------------- set-up
@@ -139,17 +142,13 @@ mkdir -p "$out/runs"
 common_flags=(--dataset "$DATASET" --partition "$PARTITION" --beta "$BETA" --n_parties "$N_PARTIES"
               --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS")
 
-# The script and the flags that make each algorithm (the published command lines' values).
+# The script and the flags that make each algorithm come from the registry (its own flags'
+# defaults are those of the published command lines); the profile adds FedHUG's schedule.
 algorithm_command() {
-    case "$1" in
-        fedavg) echo fedavg.py ;;
-        fedavgm) echo fedavg.py --server_momentum 0.9 ;;
-        fedprox) echo fedprox.py --mu 0.01 ;;
-        moon) echo moon.py --mu 0.1 ;;
-        scaffold) echo scaffold.py ;;
-        fednova) echo fednova.py ;;
-        fedhug) echo fedhug.py --start_round "$START_ROUND" --g_steps "$G_STEPS" --synthesis_batch_size "$BUDGET" ;;
-    esac
+    python3 "$here/engine/registry.py" --command "$1"
+    if [ "$1" = fedhug ]; then
+        printf '%s\n' --start_round "$START_ROUND" --g_steps "$G_STEPS" --synthesis_batch_size "$BUDGET"
+    fi
 }
 
 echo "run.sh: profile $PROFILE, setting $setting, seeds $SEEDS, $ROUNDS rounds x $ITERS local iterations, output $out"
@@ -161,7 +160,7 @@ started=$SECONDS
 failed=()
 for seed in $SEEDS; do
     for algorithm in $ALGORITHMS; do
-        read -r -a command <<<"$(algorithm_command "$algorithm")"
+        mapfile -t command < <(algorithm_command "$algorithm")
         if [ ! -f "${command[0]}" ]; then
             echo "run.sh: note: ${command[0]} does not exist yet; skipping $algorithm"
             continue

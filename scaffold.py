@@ -21,33 +21,33 @@ import sys
 
 import torch
 
-from federation import FedAvg, main
+from engine import main
+from fedavg import FedAvg
 from fednova import normalising_factor
-
-CONTROL_DELTA = "control_delta/"   # prefix of the delta c_i entries in a client's upload
 
 
 class SCAFFOLD(FedAvg):
     name = "scaffold"
 
-    def trainable_names(self):
-        return [name for name, p in self.local_model.named_parameters() if p.requires_grad]
+    def init_server(self, initial_weights):
+        """The global model and the server's control variate c = 0 over the trainable parameters."""
+        server_state = super().init_server(initial_weights)
+        names = [name for name, _ in self.model("local").named_parameters()]
+        server_state["control"] = {name: torch.zeros_like(initial_weights[name]) for name in names}
+        return server_state
 
-    def initial_server_state(self, global_weights):
-        return {"control": {name: torch.zeros_like(global_weights[name]) for name in self.trainable_names()}}
-
-    def server_message(self, server_state):
-        return {"control": server_state["control"]}
+    def download(self, server_state, client_id):
+        return {"weights": server_state["weights"], "control": server_state["control"]}
 
     # ------------------------------------------------------------------ client side
     def client_control(self, ctx):
         """c_i, zeros before the client's first round."""
         if "control" in ctx.state:
             return ctx.state["control"]
-        return {name: torch.zeros_like(c) for name, c in ctx.message["control"].items()}
+        return {name: torch.zeros_like(c) for name, c in ctx.download["control"].items()}
 
     def prepare_client(self, ctx, model):
-        server_control, client_control = ctx.message["control"], self.client_control(ctx)
+        server_control, client_control = ctx.download["control"], self.client_control(ctx)
         self.gradient_correction = {name: server_control[name] - client_control[name]
                                     for name in server_control}
 
@@ -59,25 +59,25 @@ class SCAFFOLD(FedAvg):
 
     def upload(self, ctx, model):
         """The weights and delta_c_i; the client keeps c_i+ = c_i - c + (w_global - w_local) / (a lr)."""
-        server_control, client_control = ctx.message["control"], self.client_control(ctx)
+        server_control, client_control = ctx.download["control"], self.client_control(ctx)
         momentum = self.args.momentum if self.args.optimizer == "sgd" else 0.0
         distance_per_gradient = normalising_factor(self.args.num_local_iterations, momentum) * self.args.lr
         local = dict(model.named_parameters())
         new_control = {name: client_control[name] - server_control[name]
-                       + (ctx.global_weights[name] - local[name].detach()) / distance_per_gradient
+                       + (ctx.download["weights"][name] - local[name].detach()) / distance_per_gradient
                        for name in server_control}
         ctx.state["control"] = new_control
         upload = super().upload(ctx, model)
-        upload.update({CONTROL_DELTA + name: new_control[name] - client_control[name] for name in new_control})
+        upload["control_delta"] = {name: new_control[name] - client_control[name] for name in new_control}
         return upload
 
     # ------------------------------------------------------------------ server side
-    def server_update(self, global_weights, results, server_state):
+    def server_update(self, server_state, results, server):
         """FedAvg's average of the models; c <- c + (1 / n_parties) * sum over sampled of delta_c_i."""
         server_state["control"] = {
-            name: c + sum(r.upload[CONTROL_DELTA + name] for r in results) / self.args.n_parties
+            name: c + sum(r.upload["control_delta"][name] for r in results) / self.args.n_parties
             for name, c in server_state["control"].items()}
-        return super().server_update(global_weights, results, server_state)
+        return super().server_update(server_state, results, server)
 
 
 if __name__ == "__main__":

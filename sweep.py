@@ -27,21 +27,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from parallel import start_ray
-from utils import DATASETS, UsageError, build_parser
+from engine.parallel import start_ray
+from engine import registry
+from utils import DATASETS, UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# algorithm name -> the entry script and its flags
-ALGORITHMS = {
-    "fedavg": ["fedavg.py"],
-    "fedavgm": ["fedavg.py", "--server_momentum", "0.9"],
-    "fedprox": ["fedprox.py"],
-    "moon": ["moon.py"],
-    "scaffold": ["scaffold.py"],
-    "fednova": ["fednova.py"],
-    "fedhug": ["fedhug.py"],
-}
 # flags the sweep sets for every run, so they cannot come after --
 GRID_FLAGS = {"dataset": "--datasets", "partition": "--partition", "beta": "--betas",
               "init_seed": "--seeds", "logdir": "--out", "log_file_name": "(the sweep names runs)",
@@ -67,7 +58,8 @@ def parse_sweep_args(argv):
         extra = []
     p = argparse.ArgumentParser(description="Run a grid of federated runs (flags after -- go to every run).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--algorithms", nargs="+", required=True, choices=list(ALGORITHMS))
+    p.add_argument("--algorithms", nargs="+", required=True, choices=list(registry.ALGORITHMS),
+                   help="names of the registry (python main.py --list)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--betas", nargs="+", type=float, default=[0.5])
     p.add_argument("--datasets", nargs="+", default=["fashionmnist"], choices=list(DATASETS))
@@ -84,18 +76,22 @@ def parse_sweep_args(argv):
     return args, extra
 
 
-def check_extra_flags(extra):
-    """The flags after --: known to the entry scripts, and none that the grid sets.
+def check_extra_flags(extra, algorithms):
+    """The flags after --: flags of every algorithm of the sweep, and none that the grid sets.
     Returns the parsed run flags (for --comm_round)."""
-    parser = build_parser("run flags")
+    from engine.loop import algorithm_parser
     unset = object()
-    parser.set_defaults(**{dest: unset for dest in GRID_FLAGS})
-    flags, unknown = parser.parse_known_args(extra)
-    if unknown:
-        raise UsageError(f"unknown run flags after --: {' '.join(unknown)} (see python fedavg.py --help)")
-    for dest, instead in GRID_FLAGS.items():
-        if getattr(flags, dest) is not unset:
-            raise UsageError(f"--{dest} after -- is set by the sweep; use sweep.py {instead}")
+    for name in algorithms:
+        entry = registry.get(name)
+        parser = algorithm_parser(entry.load(), entry.presets)
+        parser.set_defaults(**{dest: unset for dest in GRID_FLAGS})
+        flags, unknown = parser.parse_known_args(extra)
+        if unknown:
+            raise UsageError(f"run flags after -- that {name} does not have: {' '.join(unknown)} "
+                             f"(see python main.py --algorithm {name} --help)")
+        for dest, instead in GRID_FLAGS.items():
+            if getattr(flags, dest) is not unset:
+                raise UsageError(f"--{dest} after -- is set by the sweep; use sweep.py {instead}")
     return flags
 
 
@@ -107,7 +103,7 @@ def plan(args, extra):
         for beta in args.betas:
             setting = f"{dataset}_{args.partition}_beta{beta}"
             for algorithm in args.algorithms:
-                script, *algorithm_flags = ALGORITHMS[algorithm]
+                script, *algorithm_flags = registry.get(algorithm).command()
                 if not os.path.isfile(os.path.join(HERE, script)):
                     raise UsageError(f"--algorithms {algorithm}: {script} does not exist in {HERE}")
                 for seed in args.seeds:
@@ -242,7 +238,7 @@ def run_ray(runs, jobs, address):
 def main(argv=None):
     try:
         args, extra = parse_sweep_args(sys.argv[1:] if argv is None else argv)
-        flags = check_extra_flags(extra)
+        flags = check_extra_flags(extra, args.algorithms)
         runs = plan(args, extra)
         if args.dry_run:
             for run in runs:

@@ -21,12 +21,14 @@ import statistics
 import sys
 from dataclasses import dataclass
 
+from engine import registry
+
 ROUND_LINE = re.compile(r">> Round (\d+) \| Current Acc: ([0-9.eE+-]+), Best Acc: ([0-9.eE+-]+)")
 SEED_SUFFIX = re.compile(r"^(?P<algorithm>.+?)_seed(?P<seed>\d+)$")
 
-# Row order and display names of the suite's algorithms; other names keep their file name.
-ALGORITHM_NAMES = {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedprox": "FedProx", "moon": "MOON",
-                   "scaffold": "SCAFFOLD", "fednova": "FedNova", "fedhug": "FedHUG"}
+# Row order and display names from the registry; other names keep their file name.
+ALGORITHM_NAMES = {entry.name: entry.display for entry in registry.ALGORITHMS.values()}
+EVALUATION_LINE = re.compile(r"^evaluation: (\w+) \((.*)\)$")
 
 FINAL_TITLE = "Final-round test accuracy (%)"
 BEST_TITLE = "Best-round test accuracy (%): best round (selected on the test set)"
@@ -63,6 +65,7 @@ class RunCurve:
     path: str
     rounds: list
     accuracies: list
+    evaluation: str = "global"     # the protocol (--eval); published-format logs are "global"
 
     @property
     def final(self):
@@ -90,36 +93,43 @@ def split_name(stem):
     return (match["algorithm"], match["seed"]) if match else (stem, "")
 
 
-def curve_from_rounds(by_round, setting, stem, path):
-    """Sort {round: accuracy} into a RunCurve (a replayed or repeated round keeps its last value)."""
+def curve_from_rounds(by_round, setting, stem, path, evaluation="global"):
+    """Sort {round: accuracy} into a RunCurve (a replayed or repeated round keeps its last value).
+    Runs evaluated under another protocol than `global` get their own column: "<setting> [local]"."""
     algorithm, seed = split_name(stem)
     rounds = sorted(by_round)
-    return RunCurve(setting, algorithm, seed, path, rounds, [by_round[r] for r in rounds])
+    if evaluation != "global":
+        setting = f"{setting} [{evaluation}]"
+    return RunCurve(setting, algorithm, seed, path, rounds, [by_round[r] for r in rounds], evaluation)
 
 
 def read_log(path, setting):
     """A RunCurve from the `>> Round` lines of a text log, or None when it has none."""
-    by_round = {}
+    by_round, evaluation = {}, "global"
     with open(path, errors="replace") as f:
         for line in f:
+            protocol = EVALUATION_LINE.match(line.rstrip("\n"))
+            if protocol:
+                evaluation = protocol[1]
             for match in ROUND_LINE.finditer(line):   # finditer: tqdm's \r can glue lines together
                 by_round[int(match[1])] = float(match[2])
     if not by_round:
         return None
-    return curve_from_rounds(by_round, setting, os.path.splitext(os.path.basename(path))[0], path)
+    return curve_from_rounds(by_round, setting, os.path.splitext(os.path.basename(path))[0], path, evaluation)
 
 
 def read_run_dir(path, setting):
     """A RunCurve from a run directory's metrics.jsonl (one JSON record a round)."""
-    by_round = {}
+    by_round, evaluation = {}, "global"
     with open(os.path.join(path, "metrics.jsonl")) as f:
         for line in f:
             if line.strip():
                 record = json.loads(line)
                 by_round[int(record["round"])] = float(record["accuracy"])
+                evaluation = record.get("evaluation", "global")
     if not by_round:
         return None
-    return curve_from_rounds(by_round, setting, os.path.basename(os.path.normpath(path)), path)
+    return curve_from_rounds(by_round, setting, os.path.basename(os.path.normpath(path)), path, evaluation)
 
 
 def setting_of(folder, group_by):
@@ -204,8 +214,11 @@ class Comparison:
     def footnote(self):
         runs_per_cell = span(len(runs) for runs in self.cells.values())
         rounds = span(run.num_rounds for runs in self.cells.values() for run in runs)
+        protocols = sorted({run.evaluation for runs in self.cells.values() for run in runs})
+        evaluation = "; ".join(f"{p}: {registry.EVAL_PROTOCOLS.get(p, p)}" for p in protocols)
         return (f"mean ± sample std (ddof=1) over {runs_per_cell} run(s) (seeds) per cell, a single "
-                f"run without ±; final round = last logged round ({rounds} rounds)")
+                f"run without ±; final round = last logged round ({rounds} rounds); "
+                f"evaluation protocol ({evaluation})")
 
     def warn_uneven_rounds(self):
         for setting in self.settings:
@@ -265,7 +278,7 @@ def to_latex(comparison):
 def to_csv(comparison):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["metric", "setting", "algorithm", "runs", "mean", "std", "rounds"])
+    writer.writerow(["metric", "setting", "algorithm", "evaluation", "runs", "mean", "std", "rounds"])
     for metric in ("final", "best"):
         for algorithm in comparison.algorithms:
             for setting in comparison.settings:
@@ -273,7 +286,7 @@ def to_csv(comparison):
                 if not runs:
                     continue
                 mean, std = summarise(comparison.values(metric, setting, algorithm))
-                writer.writerow([metric, setting, algorithm, len(runs), f"{mean:.4f}",
+                writer.writerow([metric, setting, algorithm, runs[0].evaluation, len(runs), f"{mean:.4f}",
                                  "" if std is None else f"{std:.4f}", span(run.num_rounds for run in runs)])
     return out.getvalue()
 

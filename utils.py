@@ -1,8 +1,8 @@
-"""Shared plumbing: command-line flags, YAML configs, seeding, devices, run directories, logs.
+"""Shared plumbing: command-line flags, YAML configs, seeding, devices, atomic saves.
 
-Every entry script (fedavg.py, fedprox.py, moon.py, fedhug.py, ...) accepts the same flags,
-built by `build_parser`. Bad input raises `UsageError`, which the entry point turns into one
-line on stderr and exit status 2.
+Every entry script accepts the flags `build_parser` builds: those all algorithms share, then
+the algorithm's own (engine.Flag, declared on its class). Bad input raises `UsageError`, which
+the entry point turns into one line on stderr and exit status 2.
 """
 import argparse
 import hashlib
@@ -24,7 +24,6 @@ class UsageError(Exception):
 # ----------------------------------------------------------------------------- flags
 
 DATASETS = ("fashionmnist", "cifar10", "cifar100")
-MODELS = ("simplecnn", "simplecnn-mnist")
 OPTIMIZERS = ("sgd", "adam", "amsgrad")
 DEFAULT_DATADIR = "./data/"
 
@@ -32,11 +31,12 @@ DEFAULT_DATADIR = "./data/"
 # a run and its resume, and they are left out of the checkpoint fingerprint.
 RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
                      "logdir", "log_file_name", "save_model", "comm_round", "workers",
-                     "backend", "ray_address", "load_path"}
+                     "backend", "ray_address", "load_path", "keep_client_models"}
 
 
-def build_parser(description):
-    """The flags of the published code (SPEC section 6) plus this suite's run controls."""
+def build_parser(description, algorithm_flags=()):
+    """The flags every algorithm shares (those of the published code, SPEC section 6, and this
+    suite's run controls), then `algorithm_flags` (engine.Flag) of the algorithm being run."""
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
@@ -50,37 +50,23 @@ def build_parser(description):
     a("--n_parties", type=int, default=10, help="number of clients")
     a("--init_seed", type=int, default=0, help="seeds torch, numpy, random and the partition")
     # --- model and local training
-    a("--model", default=None, help=f"one of {', '.join(MODELS)} (default: the one that fits --dataset)")
+    a("--model", default=None, help="the global model's architecture, e.g. simplecnn, simplecnn-mnist "
+      "(default: the one that fits --dataset; models.py lists them all)")
     a("--num_local_iterations", type=int, default=100, help="local SGD steps a round")
     a("--batch_size", type=int, default=64)
     a("--lr", type=float, default=0.01, help="client learning rate")
     a("--reg", type=float, default=1e-5, help="weight decay")
     a("--optimizer", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
     a("--momentum", type=float, default=0.9, help="client SGD momentum")
-    # --- federation
+    # --- federation and evaluation
     a("--comm_round", type=int, default=70, help="communication rounds")
     a("--sample_fraction", type=float, default=1.0, help="fraction of clients sampled a round")
-    a("--server_momentum", type=float, default=0.0, help="FedAvgM server momentum (0 = FedAvg)")
-    a("--server_lr", type=float, default=1.0, help="server learning rate for FedAvgM")
-    # --- algorithm-specific (accepted by every script so command lines are interchangeable)
-    a("--mu", type=float, default=0.01, help="FedProx proximal weight / MOON contrastive weight")
-    a("--temperature", type=float, default=0.5, help="MOON contrastive temperature")
-    a("--bn", type=float, default=0.0, help="FedHUG: BN-statistic loss weight")
-    a("--oh", type=float, default=1.0, help="FedHUG: teacher cross-entropy weight")
-    a("--lr_g", type=float, default=0.01, help="FedHUG: Adam lr of the synthesised inputs")
-    a("--g_steps", type=int, default=500, help="FedHUG: synthesis steps")
-    a("--synthesis_batch_size", type=int, default=256, help="FedHUG: base synthesis budget")
-    a("--ua_uncertainty_beta", type=float, default=1.0)
-    a("--ua_entropy_batches", type=int, default=2)
-    a("--ua_budget_alpha", type=float, default=1.0)
-    a("--ua_budget_min_scale", type=float, default=0.5)
-    a("--ua_budget_max_scale", type=float, default=2.0)
-    a("--ua_entropy_weight", type=float, default=0.3)
-    a("--ua_boundary_lambda", type=float, default=0.1)
-    a("--T", type=float, default=1.0, help="FedHUG: distillation temperature")
-    a("--start_round", type=int, default=50, help="FedHUG: first round with synthesis")
-    a("--double_gen", action="store_true", help="FedHUG: re-synthesise halfway through local training")
-    a("--synthesis_bf16", action="store_true", help="FedHUG: bf16 autocast in synthesis (faster, other numbers)")
+    a("--eval", default="global", help="evaluation protocol: global (the global model on the global test "
+      "set), local (each client's model on its own test split, PFLlib), groups (mean over model groups)")
+    a("--train_ratio", type=float, default=0.75, help="--eval local: each client's share kept for training")
+    a("--client_models", default=None,
+      help="architectures of the clients: a group name or A,B,...; client k gets entry k mod M "
+           "(default: every client uses --model)")
     # --- run control
     a("--gpu", default="0", help="CUDA device index; falls back to the CPU when CUDA is absent")
     a("--device", default=None, help="explicit device (cpu, cuda, cuda:1); overrides --gpu")
@@ -91,10 +77,20 @@ def build_parser(description):
     a("--load_path", default=None, help="warm start from a checkpoint (global model, client models, round)")
     a("--resume", default=None, help="continue a run from its run directory or checkpoint file")
     a("--checkpoint_every", type=int, default=1, help="write the checkpoint every N rounds (0: never)")
+    a("--keep_client_models", action="store_true",
+      help="keep every client's last uploaded model in the checkpoint, to warm-start algorithms that "
+           "use them (FedHUG, MOON) with --load_path")
     a("--workers", type=int, default=1, help="local worker processes running the sampled clients")
     a("--backend", default="local", help="local (in this machine's processes) or ray")
     a("--ray_address", default=None, help="Ray cluster address (default: start a local one)")
     a("--config", default=None, help="YAML file of flag defaults; command-line flags override it")
+    group = p.add_argument_group("algorithm flags")
+    for flag in algorithm_flags:
+        source = f" [default from {flag.source}]" if flag.source else ""
+        if flag.type is bool:
+            group.add_argument(f"--{flag.name}", action="store_true", help=flag.help + source)
+        else:
+            group.add_argument(f"--{flag.name}", type=flag.type, default=flag.default, help=flag.help + source)
     return p
 
 
@@ -147,14 +143,8 @@ def validate_args(args):
     """Check flags that argparse cannot, raising one UsageError naming the flag and the fix."""
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
-    if args.model is None:
-        args.model = "simplecnn-mnist" if args.dataset == "fashionmnist" else "simplecnn"
-    if args.model not in MODELS:
-        raise UsageError(f"unknown --model '{args.model}'; choose one of {', '.join(MODELS)}")
-    fits = {"simplecnn-mnist": ("fashionmnist",), "simplecnn": ("cifar10", "cifar100")}
-    if args.dataset not in fits[args.model]:
-        raise UsageError(f"--model {args.model} does not fit --dataset {args.dataset} "
-                         f"(use --model {'simplecnn-mnist' if args.dataset == 'fashionmnist' else 'simplecnn'})")
+    from models import resolve_models
+    resolve_models(args)
     if args.optimizer not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer '{args.optimizer}'; choose one of {', '.join(OPTIMIZERS)}")
     if not (args.beta > 0):
@@ -166,12 +156,16 @@ def validate_args(args):
     if int(args.n_parties * args.sample_fraction) < 1:
         raise UsageError(f"--sample_fraction {args.sample_fraction} x --n_parties {args.n_parties} "
                          "samples no client; raise either")
-    for flag in ("num_local_iterations", "comm_round", "batch_size", "g_steps", "synthesis_batch_size"):
+    for flag in ("num_local_iterations", "comm_round", "batch_size"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be a positive integer (got {getattr(args, flag)})")
-    for flag in ("lr", "lr_g", "T"):
-        if not (getattr(args, flag) > 0):
-            raise UsageError(f"--{flag} must be > 0 (got {getattr(args, flag)})")
+    if not (args.lr > 0):
+        raise UsageError(f"--lr must be > 0 (got {args.lr})")
+    from engine.registry import EVAL_PROTOCOLS
+    if args.eval not in EVAL_PROTOCOLS:
+        raise UsageError(f"unknown --eval '{args.eval}'; choose one of {', '.join(EVAL_PROTOCOLS)}")
+    if not (0 < args.train_ratio < 1):
+        raise UsageError(f"--train_ratio must be in (0, 1) (got {args.train_ratio})")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint_every must be >= 0 (got {args.checkpoint_every})")
     if args.workers < 1:
@@ -243,31 +237,6 @@ def atomic_torch_save(obj, path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-
-
-class RunLog:
-    """The tee-able log: every line goes to stdout and to <run_dir>/log.txt, and is kept in
-    `lines` so a checkpoint can carry it and a resumed run can replay it."""
-
-    def __init__(self, path):
-        self.path = path
-        self.lines = []
-        self.file = open(path, "w")
-
-    def __call__(self, line=""):
-        for part in str(line).split("\n"):
-            self.lines.append(part)
-            print(part, flush=True)
-            self.file.write(part + "\n")
-        self.file.flush()
-
-    def replay(self, lines):
-        """Start from a checkpoint's lines: print and write them again."""
-        for line in lines:
-            self(line)
-
-    def close(self):
-        self.file.close()
 
 
 def warn(message):

@@ -16,6 +16,7 @@ exactly the results it gets alone.
 
     python bench/bench_fedhug.py                    # 10 clients, 500 steps, budget 256: minutes
     python bench/bench_fedhug.py --clients 2 --g_steps 20 --local_iterations 10   # a quick check
+    python bench/bench_fedhug.py --tiny             # seconds: a smoke test of every code path
 """
 import argparse
 import os
@@ -31,10 +32,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import cvdataset
 import synthesis
-from federation import clone_weights
+from engine.executors import build_client_side, run_client
+from engine.loop import algorithm_parser, initial_weights
 from fedhug import FedHUG
-from models import build_model
-from utils import build_parser, parse_args, setup_seed
+from models import build_model, client_architectures
+from utils import parse_args
+
+TINY = {"clients": 2, "g_steps": 2, "budget": 16, "local_iterations": 2, "workers": 1, "matmul_size": 256}
 
 
 # ----------------------------------------------------------------------------- reference style
@@ -72,10 +76,10 @@ def reference_synthesize(teacher, student, targets, input_shape, generator, step
 
 class DataLoaderBatches:
     """The synthetic set served by a DataLoader with worker processes, a fresh iterator (and
-    fresh workers) every pass, as the published code does."""
+    fresh workers) every pass, as the published code does. `tensors` as in cvdataset.ShuffledBatches."""
 
     def __init__(self, inputs, teacher_logits, batch_size, generator, workers):
-        self.inputs = inputs
+        self.tensors = (inputs, teacher_logits)
         self.loader = DataLoader(TensorDataset(inputs, teacher_logits), batch_size=batch_size, shuffle=True,
                                  num_workers=workers, generator=generator)
         self.iterator = None
@@ -93,7 +97,7 @@ class ReferenceStyleFedHUG(FedHUG):
 
     def synthesize(self, ctx, targets, student):
         a = self.args
-        inputs, teacher_logits = reference_synthesize(ctx.global_model, student, targets, self.data.image_shape,
+        inputs, teacher_logits = reference_synthesize(ctx.global_model, student, targets, self.image_shape,
                                                       ctx.generator, a.g_steps, a.lr_g, a.bn, a.oh,
                                                       a.ua_entropy_weight, a.ua_boundary_lambda)
         return DataLoaderBatches(inputs, teacher_logits, a.batch_size, ctx.generator, self.workers)
@@ -110,9 +114,10 @@ def warm_up(model_name, image_shape, num_classes, budget):
                    0.0, 1.0, 0.3, 0.1)
 
 
-def timed_round(algorithm, global_weights, clients):
-    """One round of `clients` clients; returns (seconds, synthesis seconds, synthesised sizes,
-    client 0's synthetic inputs)."""
+def timed_round(algorithm, data, global_weights, clients):
+    """One round of `clients` clients, each through engine.executors.run_client with the global
+    weights as its download and an empty state (its last model: the initial one); returns
+    (seconds, synthesis seconds, synthesised sizes, client 0's synthetic inputs)."""
     spent, sizes, first = [0.0], [], []
     synthesize = algorithm.synthesize
 
@@ -121,13 +126,14 @@ def timed_round(algorithm, global_weights, clients):
         batches = synthesize(ctx, targets, student)
         spent[0] += time.perf_counter() - started
         sizes.append(len(targets))
-        first.append(batches.inputs)
+        first.append(batches.tensors[0])
         return batches
 
     algorithm.synthesize = timed_synthesize
+    download = {"weights": global_weights}
     started = time.perf_counter()
     for k in range(clients):
-        algorithm.client_update(global_weights, {}, k, round_index=0)
+        run_client(algorithm, data, download, {}, k, round_index=0)
     total = time.perf_counter() - started
     return total, spent[0], sizes, first[0]
 
@@ -147,7 +153,7 @@ def flops_per_sample_step(model_name, image_shape, num_classes):
     return counter.get_total_flops() / n
 
 
-def matmul_gflops(size=2048, repeats=10):
+def matmul_gflops(size, repeats=10):
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)
     best = float("inf")
@@ -199,7 +205,7 @@ def shared_teacher_check(image_shape, num_classes, budget, clients, steps=5):
 
 # ----------------------------------------------------------------------------- main
 
-def main():
+def parse_options(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--clients", type=int, default=10)
@@ -209,7 +215,17 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--workers", type=int, default=4, help="DataLoader workers of the reference style")
     p.add_argument("--no_bf16", action="store_true", help="skip the bf16 row")
-    b = p.parse_args()
+    p.add_argument("--matmul_size", type=int, default=2048, help="n of the n x n matmul measuring this machine's rate")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke-test defaults: --clients 2 --g_steps 2 --budget 16 --local_iterations 2 "
+                        "--workers 1 --matmul_size 256 (flags given explicitly still win)")
+    if p.parse_known_args(argv)[0].tiny:
+        p.set_defaults(**TINY)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    b = parse_options(argv)
     torch.set_num_threads(b.threads)
     ReferenceStyleFedHUG.workers = b.workers
     warnings.filterwarnings("ignore", message=".*worker processes in total.*")
@@ -217,18 +233,14 @@ def main():
     flags = ["--dataset", "fashionmnist", "--partition", "noniid", "--beta", "0.1", "--n_parties", str(b.clients),
              "--num_local_iterations", str(b.local_iterations), "--g_steps", str(b.g_steps),
              "--synthesis_batch_size", str(b.budget), "--start_round", "0", "--comm_round", "1"]
-    args = parse_args(build_parser("bench"), flags)
-    bf16_args = parse_args(build_parser("bench"), flags + ["--synthesis_bf16"])
-    setup_seed(args.init_seed)
-    data = cvdataset.load_dataset("fashionmnist")
-    parts = cvdataset.partition_data(data.train_labels.numpy(), "noniid", b.clients, 0.1, data.num_classes)
-    device = torch.device("cpu")
-
-    def build(cls, arguments):
-        algorithm = cls(arguments, data, parts, device)
-        torch.manual_seed(0)
-        algorithm.initial_weights = clone_weights(algorithm.new_model().state_dict())
-        return algorithm
+    args = parse_args(algorithm_parser(FedHUG), flags)
+    bf16_args = parse_args(algorithm_parser(FedHUG), flags + ["--synthesis_bf16"])
+    FedHUG.check_args(args)
+    data = cvdataset.load_dataset("fashionmnist")      # loaded once, partitioned by each build
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    weights = initial_weights(args, client_architectures(args.client_models, args.model, args.n_parties),
+                              data.num_classes, data.image_shape, cpu)
 
     warm_up(args.model, data.image_shape, data.num_classes, b.budget)
     variants = [("reference-style", ReferenceStyleFedHUG, args), ("this", FedHUG, args)]
@@ -236,8 +248,8 @@ def main():
         variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args))
     rows = {}
     for name, cls, arguments in variants:
-        algorithm = build(cls, arguments)
-        rows[name] = timed_round(algorithm, algorithm.initial_weights, b.clients)
+        algorithm, client_data = build_client_side(cls, arguments, weights, cpu, dataset=data)
+        rows[name] = timed_round(algorithm, client_data, weights[args.model], b.clients)
         total, synth, sizes, _ = rows[name]
         print(f"{name}: round {total:.2f} s (synthesis {synth:.2f} s)", file=sys.stderr, flush=True)
 
@@ -245,7 +257,7 @@ def main():
     sizes = rows["this"][2]
     per_sample = flops_per_sample_step(args.model, data.image_shape, data.num_classes)
     synthesis_flops = per_sample * b.g_steps * sum(sizes)
-    rate = matmul_gflops()
+    rate = matmul_gflops(b.matmul_size)
     same_inputs = (rows["reference-style"][3] - rows["this"][3]).abs().max().item()
     identical, difference, teacher_seconds = shared_teacher_check(data.image_shape, data.num_classes,
                                                                   b.budget, min(b.clients, 4))

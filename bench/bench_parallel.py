@@ -1,36 +1,44 @@
 """Round time of FedAvg's clients run four ways, Ray's overhead, and 1,000 clients' state in memory.
 
-    serial, 2 threads   federation.SerialExecutor, torch.set_num_threads(2)     (the reference)
+    serial, 2 threads   engine.executors.SerialExecutor, torch.set_num_threads(2)     (the reference)
     serial, 1 thread    the same with one thread
-    2 workers           parallel.ProcessExecutor: 2 local processes, 1 thread each
-    Ray, 2 CPUs         parallel.RayExecutor on a local Ray with 2 CPUs (skipped without Ray)
+    2 workers           engine.parallel.ProcessExecutor: 2 local processes, 1 thread each
+    Ray, 2 CPUs         engine.parallel.RayExecutor on a local Ray with 2 CPUs (skipped without Ray)
 
 A round is every client once (--iterations local steps, batch 64, Fashion-MNIST); the time is
 the median over --rounds after one unmeasured warm-up round, printed with its ratio to the
 2-thread serial round (>1 is faster). The aim is 2 one-thread workers >= 1.3x the 2-thread
 serial process. Ray's overhead: the round trip of an empty actor call, and (Ray round -
-worker round) / clients. Memory: RSS growth and bytes of 1,000 clients' `last_model` state
-dicts (what MOON and FedHUG keep per client), their pickled size per task, their checkpoint size.
+worker round) / clients. Memory: RSS growth and bytes of 1,000 (--memory_clients) clients'
+`local_model` states (what MOON and FedHUG keep per client), the pickled size of one task, and
+the size of a checkpoint holding them (engine.checkpoint.save_checkpoint).
 
     python bench/bench_parallel.py                                  # 10 and 100 clients: minutes
     python bench/bench_parallel.py --clients 10 --iterations 5 --rounds 1     # a quick check
+    python bench/bench_parallel.py --tiny --no_ray                  # seconds: a smoke test
 Run it on an otherwise idle machine: other processes make the thread comparisons meaningless.
 """
 import argparse
-import io
 import os
 import pickle
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import cvdataset  # noqa: E402
-import federation  # noqa: E402
-import parallel  # noqa: E402
-from utils import build_parser, parse_args, setup_seed  # noqa: E402
+from engine import payload_bytes  # noqa: E402
+from engine import parallel  # noqa: E402
+from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.executors import SerialExecutor, build_client_side  # noqa: E402
+from engine.loop import algorithm_parser  # noqa: E402
+from fedavg import FedAvg  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import parse_args  # noqa: E402
+
+TINY = {"clients": [2], "iterations": 2, "rounds": 1, "memory_clients": 10}
 
 
 def rss_bytes():
@@ -39,27 +47,25 @@ def rss_bytes():
 
 
 def setup(clients, iterations):
-    """(args, data, client_indices, initial_weights) as federation.Run makes them."""
-    args = parse_args(build_parser("bench"), ["--n_parties", str(clients), "--num_local_iterations",
-                                              str(iterations), "--threads", "1"])
-    setup_seed(args.init_seed)
-    data = cvdataset.load_dataset(args.dataset, args.datadir)
-    indices = cvdataset.partition_data(data.train_labels.numpy(), args.partition, args.n_parties,
-                                       args.beta, data.num_classes, args.skew_class)
-    algorithm = federation.FedAvg(args, data, indices, torch.device("cpu"))
-    weights = federation.clone_weights(algorithm.new_model().state_dict())
-    algorithm.initial_weights = weights
-    return args, data, indices, weights, algorithm
+    """(args, initial weights {architecture: state dict}, algorithm, data) as engine.loop.Run
+    makes them: the partition, then the initial weights."""
+    args = parse_args(algorithm_parser(FedAvg), ["--n_parties", str(clients), "--num_local_iterations",
+                                                 str(iterations), "--threads", "1", "--device", "cpu"])
+    cpu = torch.device("cpu")
+    algorithm, data = build_client_side(FedAvg, args, None, cpu)
+    return args, algorithm.setting.initial_weights, algorithm, data
 
 
-def round_seconds(executor, weights, clients, rounds):
-    """Median seconds of a round of all `clients` (after one warm-up round)."""
-    sampled = [(k, {}) for k in range(clients)]
-    executor.run_clients(weights, {}, sampled, 0)
+def round_seconds(executor, algorithm, clients, rounds):
+    """Median seconds of a round of all `clients` (after one warm-up round), each downloading the
+    initial global model with an empty state."""
+    server_state = algorithm.init_server(algorithm.setting.initial_weights[algorithm.args.model])
+    tasks = [(k, algorithm.download(server_state, k), {}) for k in range(clients)]
+    executor.run_clients(tasks, 0)
     times = []
     for r in range(1, rounds + 1):
         started = time.perf_counter()
-        executor.run_clients(weights, {}, sampled, r)
+        executor.run_clients(tasks, r)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 
@@ -76,20 +82,20 @@ def ray_round_trip(executor, calls=200):
 
 
 def bench_clients(clients, iterations, rounds, with_ray):
-    args, data, indices, weights, algorithm = setup(clients, iterations)
-    build = (federation.FedAvg, args, indices, weights)
+    args, weights, algorithm, data = setup(clients, iterations)
+    build = (FedAvg, args, weights)      # what engine.parallel.make_executor hands its executors
     print(f"\n{clients} clients x {iterations} iterations a round, median of {rounds} round(s)")
     rows = []
     for threads in (2, 1):
         torch.set_num_threads(threads)
         rows.append((f"serial, {threads} thread{'s' if threads > 1 else ''}",
-                     round_seconds(federation.SerialExecutor(algorithm), weights, clients, rounds), None))
+                     round_seconds(SerialExecutor(algorithm, data), algorithm, clients, rounds), None))
     torch.set_num_threads(1)
 
     started = time.perf_counter()
     executor = parallel.ProcessExecutor(build, 2)
     startup = time.perf_counter() - started
-    rows.append(("2 workers x 1 thread", round_seconds(executor, weights, clients, rounds), startup))
+    rows.append(("2 workers x 1 thread", round_seconds(executor, algorithm, clients, rounds), startup))
     executor.close()
 
     overhead = None
@@ -97,7 +103,7 @@ def bench_clients(clients, iterations, rounds, with_ray):
         started = time.perf_counter()
         executor = parallel.RayExecutor(build, 2, None)
         startup = time.perf_counter() - started
-        rows.append(("Ray, 2 CPUs", round_seconds(executor, weights, clients, rounds), startup))
+        rows.append(("Ray, 2 CPUs", round_seconds(executor, algorithm, clients, rounds), startup))
         overhead = ray_round_trip(executor)
         executor.close()
 
@@ -113,16 +119,16 @@ def bench_clients(clients, iterations, rounds, with_ray):
               f"(Ray round - worker round) / client = {(rows[3][1] - workers) / clients * 1e3:+.1f} ms")
 
 
-def bench_memory(count=1000):
-    """RSS growth and bytes of `count` clients' last_model state dicts."""
-    args = parse_args(build_parser("bench"), ["--threads", "1"])
-    model = federation.build_model(args.model, 10, (1, 28, 28))
+def bench_memory(count):
+    """RSS growth and bytes of `count` clients' local_model states (MOON's and FedHUG's client state)."""
+    args = parse_args(algorithm_parser(FedAvg), ["--threads", "1"])
+    model = build_model(args.model, 10, (1, 28, 28))
     before = rss_bytes()
-    states = [{"last_model": {k: v.detach().clone().add_(i) for k, v in model.state_dict().items()}}
+    states = [{"local_model": {k: v.detach().clone().add_(i) for k, v in model.state_dict().items()}}
               for i in range(count)]
     growth = rss_bytes() - before
-    tensor_bytes = sum(federation.tensor_bytes(s["last_model"]) for s in states)
-    task = (model.state_dict(), states[0], 0, 0, {})
+    tensor_bytes = sum(payload_bytes(s["local_model"]) for s in states)
+    task = ({"weights": model.state_dict()}, states[0], 0, 0)   # (download, state, client, round), as sent to a worker
     per_task = len(parallel.dumps(task))
     pickle_ms = {}
     for name, dumps in (("pickle.dumps", lambda obj: pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)),
@@ -131,29 +137,38 @@ def bench_memory(count=1000):
         for _ in range(100):
             pickle.loads(dumps(task))
         pickle_ms[name] = (time.perf_counter() - started) / 100 * 1e3
-    buffer = io.BytesIO()
-    torch.save({"client_states": states}, buffer)
-    print(f"{count} clients' last_model state ({args.model}): tensors {tensor_bytes / 2**20:.1f} MiB, "
-          f"RSS growth {growth / 2**20:.1f} MiB, in a checkpoint {buffer.tell() / 2**20:.1f} MiB")
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "checkpoint.pt")
+        save_checkpoint(path, vars(args), 0, {"weights": model.state_dict()}, states, 0.0, 0, 0)
+        checkpoint_bytes = os.path.getsize(path)
+    print(f"{count} clients' local_model state ({args.model}): tensors {tensor_bytes / 2**20:.1f} MiB, "
+          f"RSS growth {growth / 2**20:.1f} MiB, in a checkpoint {checkpoint_bytes / 2**20:.1f} MiB")
     print(f"  one task to a worker (global weights + a client's state): {per_task / 2**10:.0f} KiB; "
           "pickled and unpickled in " + ", ".join(f"{ms:.2f} ms ({name})" for name, ms in pickle_ms.items()))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--clients", type=int, nargs="+", default=[10, 100])
     p.add_argument("--iterations", type=int, default=100)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no_ray", action="store_true", help="leave Ray out")
-    a = p.parse_args()
-    try:
-        import ray  # noqa: F401
-        with_ray = not a.no_ray
-    except ImportError:
-        print("Ray is not installed (pip install -r requirements-ray.txt): its rows are left out")
-        with_ray = False
+    p.add_argument("--memory_clients", type=int, default=1000, help="clients whose state the memory part holds")
+    p.add_argument("--tiny", action="store_true",
+                   help="smoke-test defaults: --clients 2 --iterations 2 --rounds 1 --memory_clients 10 "
+                        "(flags given explicitly still win; Ray still runs unless --no_ray)")
+    if p.parse_known_args(argv)[0].tiny:
+        p.set_defaults(**TINY)
+    a = p.parse_args(argv)
+    with_ray = not a.no_ray
+    if with_ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("Ray is not installed (pip install -r requirements-ray.txt): its rows are left out")
+            with_ray = False
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    bench_memory()       # first, while freed memory cannot hide the growth
+    bench_memory(a.memory_clients)       # first, while freed memory cannot hide the growth
     for clients in a.clients:
         bench_clients(clients, a.iterations, a.rounds, with_ray)
 

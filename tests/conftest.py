@@ -26,3 +26,55 @@ def run_script(script, *args, logdir=None, name="run", timeout=600, env=None):
 @pytest.fixture
 def cli():
     return run_script
+
+
+def algorithm_args(algorithm_class, *flags):
+    """The flags of `algorithm_class`'s script (its own flags included), parsed with one thread."""
+    from engine.loop import algorithm_parser
+    from utils import parse_args
+    return parse_args(algorithm_parser(algorithm_class), ["--threads", "1", *map(str, flags)])
+
+
+def synthetic_client_side(algorithm_class, args, images, labels, client_indices, initial=None):
+    """(algorithm, data) as engine.executors.build_client_side returns them, but over given
+    Fashion-MNIST-shaped uint8 images and labels, client k holding the samples client_indices[k]
+    (no dataset files, no partition draw). `initial` is the run's initial global model
+    (algorithm.setting.initial_weights[args.model]); default a fresh --model after torch.manual_seed(0)."""
+    import cvdataset
+    from engine.data import ClientData, FederatedData
+    from engine.executors import make_setting
+    from engine.loop import initial_weights
+
+    cpu = torch.device("cpu")
+    dataset = cvdataset.Dataset("fashionmnist", images, labels, images[:10], labels[:10], 10, (0.5,), (0.5,))
+    clients = []
+    for idx in client_indices:
+        idx = torch.as_tensor(idx)
+        clients.append(ClientData(images[idx], labels[idx], torch.bincount(labels[idx], minlength=10),
+                                  dataset.mean, dataset.std, args.batch_size))
+    data = FederatedData(dataset, list(client_indices), [c.class_counts.tolist() for c in clients], clients,
+                         dataset.test_images, dataset.test_labels)
+    setting = make_setting(args, data, cpu, None)
+    if initial is None:
+        torch.manual_seed(0)
+        setting.initial_weights = initial_weights(args, setting.client_models, 10, dataset.image_shape, cpu)
+    else:
+        setting.initial_weights = {args.model: initial}
+    return algorithm_class(setting), data
+
+
+def assert_same_tensors(expected, found, where="value"):
+    """Equal structure (dict keys, list lengths) and bit-identical tensors of the same dtype."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(found, torch.Tensor) and expected.dtype == found.dtype, where
+        assert torch.equal(expected, found), f"{where}: max difference {(expected - found).abs().max()}"
+    elif isinstance(expected, dict):
+        assert set(expected) == set(found), where
+        for key in expected:
+            assert_same_tensors(expected[key], found[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(expected) == len(found), where
+        for i, (e, f) in enumerate(zip(expected, found)):
+            assert_same_tensors(e, f, f"{where}[{i}]")
+    else:
+        assert expected == found, where

@@ -14,41 +14,54 @@ import torch.nn.functional as F
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-import cvdataset  # noqa: E402
-from federation import ClientResult, FedAvg, clone_weights, main, tensor_bytes  # noqa: E402
+from conftest import algorithm_args, synthetic_client_side  # noqa: E402
+from engine import ClientResult, ServerContext, main, payload_bytes  # noqa: E402
+from engine.executors import run_client  # noqa: E402
+from fedavg import FedAvg  # noqa: E402
 from fednova import FedNova, normalising_factor  # noqa: E402
+from fedhug import FedHUG  # noqa: E402
 from fedprox import FedProx  # noqa: E402
 from moon import MOON  # noqa: E402
-from scaffold import CONTROL_DELTA, SCAFFOLD  # noqa: E402
-from utils import build_parser, parse_args  # noqa: E402
+from scaffold import SCAFFOLD  # noqa: E402
 
 torch.set_num_threads(1)
 
 
 def make_algorithm(cls, *flags, client_sizes=(8, 8), blank_images=False):
-    """An algorithm over a small synthetic Fashion-MNIST-shaped dataset, one client per size.
-    Blank (all-zero) images stay blank under crop and flip, so every batch is x = -1."""
-    args = parse_args(build_parser("test"), ["--threads", "1", "--n_parties", str(len(client_sizes)), *flags])
+    """(algorithm, data): `cls` over a small synthetic Fashion-MNIST-shaped dataset, one client
+    per size. Blank (all-zero) images stay blank under crop and flip, so every batch is x = -1."""
+    args = algorithm_args(cls, "--n_parties", len(client_sizes), *flags)
     n = sum(client_sizes)
     generator = torch.Generator().manual_seed(0)
     images = (torch.zeros((n, 1, 28, 28), dtype=torch.uint8) if blank_images else
               torch.randint(0, 256, (n, 1, 28, 28), generator=generator, dtype=torch.uint8))
     labels = torch.arange(n) % 10
-    data = cvdataset.Dataset("fashionmnist", images, labels, images[:4], labels[:4], 10, (0.5,), (0.5,))
     starts = [sum(client_sizes[:k]) for k in range(len(client_sizes))]
     indices = [torch.arange(s, s + size) for s, size in zip(starts, client_sizes)]
-    torch.manual_seed(0)
-    return cls(args, data, indices, torch.device("cpu"))
+    return synthetic_client_side(cls, args, images, labels, indices)
+
+
+def initial_weights_of(algorithm):
+    """The run's initial global model (what a client that never trained starts from)."""
+    return algorithm.setting.initial_weights[algorithm.args.model]
+
+
+def server_context(round_index=0):
+    return ServerContext(round_index, torch.Generator().manual_seed(0), torch.device("cpu"))
 
 
 def random_like_parameters(model, generator, scale):
     return {name: scale * torch.randn(p.shape, generator=generator) for name, p in model.named_parameters()}
 
 
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 # ============================================================================ FedProx
 
 def test_fedprox_proximal_term_value_and_gradient():
-    algorithm = make_algorithm(FedProx, "--mu", "0.3")
+    algorithm, _ = make_algorithm(FedProx, "--mu", "0.3")
     model, global_model = algorithm.new_model(), algorithm.new_model()   # two different inits
     global_model.requires_grad_(False)
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(1))
@@ -62,6 +75,15 @@ def test_fedprox_proximal_term_value_and_gradient():
     assert proximal.item() == pytest.approx(expected_value, rel=1e-4)
     for p, g in zip(model.parameters(), global_model.parameters()):
         torch.testing.assert_close(p.grad, 0.3 * (p.detach() - g), atol=1e-6, rtol=1e-4)
+
+
+def test_fedprox_client_trains_against_the_downloaded_global_model_and_keeps_no_state():
+    algorithm, data = make_algorithm(FedProx, "--mu", "0.3", "--num_local_iterations", "2")
+    initial = initial_weights_of(algorithm)
+    result = run_client(algorithm, data, {"weights": initial}, {}, 0, 0)
+    assert same_weights(algorithm.model("global").state_dict(), initial)   # the proximal term's anchor
+    assert result.state == {}
+    assert result.upload.keys() == {"weights"} and not same_weights(result.upload["weights"], initial)
 
 
 # ============================================================================ MOON
@@ -81,7 +103,7 @@ class FixedOutputs(torch.nn.Module):
 
 
 def test_moon_loss_matches_hand_computation():
-    algorithm = make_algorithm(MOON, "--mu", "0.7", "--temperature", "0.5")
+    algorithm, _ = make_algorithm(MOON, "--mu", "0.7", "--temperature", "0.5")
     z = [[1.0, 2.0], [3.0, -1.0]]
     z_global = [[2.0, 1.0], [1.0, 1.0]]
     z_previous = [[-1.0, 2.0], [0.0, 1.0]]
@@ -104,39 +126,42 @@ def test_moon_loss_matches_hand_computation():
 
 
 def test_moon_previous_model_is_the_clients_last_trained_model():
-    algorithm = make_algorithm(MOON, "--mu", "1", "--num_local_iterations", "2")
-    initial = clone_weights(algorithm.new_model().state_dict())
-    algorithm.initial_weights = initial          # what the engine sets at the start of a run
+    algorithm, data = make_algorithm(MOON, "--mu", "1", "--num_local_iterations", "2")
+    initial = initial_weights_of(algorithm)
 
     def previous_weights():
         return algorithm.previous_model.state_dict()
 
-    def same(a, b):
-        return all(torch.equal(a[k], b[k]) for k in a)
-
-    first = algorithm.client_update(initial, {}, 0, 0)
-    assert same(previous_weights(), initial)
+    first = run_client(algorithm, data, {"weights": initial}, {}, 0, 0)
+    assert same_weights(previous_weights(), initial)
+    assert same_weights(first.state["local_model"], first.upload["weights"])   # kept as the next previous model
     later_global = {k: v + 0.01 for k, v in initial.items()}
-    second = algorithm.client_update(later_global, first.state, 0, 1)
-    assert same(previous_weights(), first.weights)
-    assert not same(first.weights, initial) and not same(first.weights, later_global)
+    second = run_client(algorithm, data, {"weights": later_global}, first.state, 0, 1)
+    assert same_weights(previous_weights(), first.upload["weights"])
+    assert not same_weights(first.upload["weights"], initial)
+    assert not same_weights(first.upload["weights"], later_global)
     # a client first sampled in round 1 contrasts with the initial model, not the current one
-    algorithm.client_update(later_global, {}, 1, 1)
-    assert same(previous_weights(), initial)
+    run_client(algorithm, data, {"weights": later_global}, {}, 1, 1)
+    assert same_weights(previous_weights(), initial)
     # and the previous model changes the training: same round and seed, other previous model
-    other = algorithm.client_update(later_global, {"last_model": initial}, 0, 1)
+    other = run_client(algorithm, data, {"weights": later_global}, {"local_model": initial}, 0, 1)
     assert other.metrics["train_loss"] != second.metrics["train_loss"]
+
+
+def test_mu_defaults_follow_each_algorithms_source():
+    assert algorithm_args(MOON).mu == 0.1           # the seed's command line `moon.py --mu 0.1`
+    assert algorithm_args(FedProx).mu == 0.01       # the published code's default
 
 
 # ============================================================================ SCAFFOLD
 
-def corrected_sgd(algorithm, global_weights, client_id, correction, steps, lr, momentum):
+def corrected_sgd(algorithm, data, global_weights, client_id, correction, steps, lr, momentum):
     """SCAFFOLD's local training written out by hand on a blank-image client (x = -1 every
     step, the whole client set as one batch): w <- w - lr * v, v = momentum * v + g + (c - c_i)."""
     model = algorithm.new_model()
     model.load_state_dict(global_weights)
-    x = -torch.ones(len(algorithm.client_labels[client_id]), 1, 28, 28)
-    y = algorithm.client_labels[client_id]
+    y = data.clients[client_id].labels
+    x = -torch.ones(len(y), 1, 28, 28)
     velocity = {}
     for _ in range(steps):
         grads = dict(zip([n for n, _ in model.named_parameters()],
@@ -151,49 +176,56 @@ def corrected_sgd(algorithm, global_weights, client_id, correction, steps, lr, m
 
 def test_scaffold_one_plain_step_sets_client_control_to_the_gradient():
     """K = 1, no momentum: c_i+ = c_i - c + (w - (w - lr (g + c - c_i))) / lr = g."""
-    algorithm = make_algorithm(SCAFFOLD, "--num_local_iterations", "1", "--momentum", "0", "--reg", "0",
-                               "--lr", "0.1", blank_images=True)
-    initial = clone_weights(algorithm.new_model().state_dict())
+    algorithm, data = make_algorithm(SCAFFOLD, "--num_local_iterations", "1", "--momentum", "0", "--reg", "0",
+                                     "--lr", "0.1", blank_images=True)
+    initial = initial_weights_of(algorithm)
     generator = torch.Generator().manual_seed(2)
-    server_control = random_like_parameters(algorithm.local_model, generator, 0.1)
-    client_control = random_like_parameters(algorithm.local_model, generator, 0.1)
-    result = algorithm.client_update(initial, {"control": client_control}, 0, 0, {"control": server_control})
-    _, gradient_at_global = corrected_sgd(algorithm, initial, 0, {n: 0 * c for n, c in server_control.items()},
-                                          1, 0.1, 0.0)
+    server_control = random_like_parameters(algorithm.model("local"), generator, 0.1)
+    client_control = random_like_parameters(algorithm.model("local"), generator, 0.1)
+    result = run_client(algorithm, data, {"weights": initial, "control": server_control},
+                        {"control": client_control}, 0, 0)
+    _, gradient_at_global = corrected_sgd(algorithm, data, initial, 0,
+                                          {n: 0 * c for n, c in server_control.items()}, 1, 0.1, 0.0)
     for name, g in gradient_at_global.items():
         torch.testing.assert_close(result.state["control"][name], g, atol=1e-5, rtol=1e-4)
 
 
 def test_scaffold_control_variates_client_and_server():
     lr, momentum, steps = 0.1, 0.5, 2            # a = (2 - 0.5 * (1 - 0.25) / 0.5) / 0.5 = 2.5
-    algorithm = make_algorithm(SCAFFOLD, "--num_local_iterations", str(steps), "--momentum", str(momentum),
-                               "--reg", "0", "--lr", str(lr), client_sizes=(8, 8, 8), blank_images=True)
-    initial = clone_weights(algorithm.new_model().state_dict())
+    algorithm, data = make_algorithm(SCAFFOLD, "--num_local_iterations", str(steps), "--momentum", str(momentum),
+                                     "--reg", "0", "--lr", str(lr), client_sizes=(8, 8, 8), blank_images=True)
+    initial = initial_weights_of(algorithm)
+    server_state = algorithm.init_server(initial)
+    assert server_state.keys() == {"weights", "control"}
+    assert all(not c.any() for c in server_state["control"].values())           # c = 0 before round 0
     generator = torch.Generator().manual_seed(3)
-    server_control = random_like_parameters(algorithm.local_model, generator, 0.1)
-    client_control = random_like_parameters(algorithm.local_model, generator, 0.1)
-    message = {"control": server_control}
-    results = [algorithm.client_update(initial, {"control": client_control}, 0, 0, message),
-               algorithm.client_update(initial, {}, 1, 0, message)]          # c_1 = 0: never trained
+    server_control = random_like_parameters(algorithm.model("local"), generator, 0.1)
+    client_control = random_like_parameters(algorithm.model("local"), generator, 0.1)
+    server_state["control"] = server_control
+    download = algorithm.download(server_state, 0)
+    assert download.keys() == {"weights", "control"}
+    results = [run_client(algorithm, data, download, {"control": client_control}, 0, 0),
+               run_client(algorithm, data, algorithm.download(server_state, 1), {}, 1, 0)]   # c_1 = 0: never trained
 
     zeros = {n: torch.zeros_like(c) for n, c in client_control.items()}
     for result, c_i in zip(results, [client_control, zeros]):
         correction = {n: server_control[n] - c_i[n] for n in c_i}
-        local, _ = corrected_sgd(algorithm, initial, result.client_id, correction, steps, lr, momentum)
+        local, _ = corrected_sgd(algorithm, data, initial, result.client_id, correction, steps, lr, momentum)
         for name in c_i:
             expected = c_i[name] - server_control[name] + (initial[name] - local[name]) / (2.5 * lr)
             torch.testing.assert_close(result.state["control"][name], expected, atol=1e-5, rtol=1e-4)
-            torch.testing.assert_close(result.upload[CONTROL_DELTA + name], expected - c_i[name],
+            torch.testing.assert_close(result.upload["control_delta"][name], expected - c_i[name],
                                        atol=1e-5, rtol=1e-4)
-        assert tensor_bytes(result.upload) == 2 * tensor_bytes(initial)   # weights and delta c_i
+        assert result.upload.keys() == {"weights", "control_delta"}
+        assert payload_bytes(result.upload) == 2 * payload_bytes(initial)   # weights and delta c_i
 
-    server_state = {"control": server_control}
-    new_weights = algorithm.server_update(initial, results, server_state)
+    new_state = algorithm.server_update(server_state, results, server_context())
     for name, c in server_control.items():      # 2 of 3 clients sampled: c + (2/3) * mean = c + sum / 3
-        expected = c + (results[0].upload[CONTROL_DELTA + name] + results[1].upload[CONTROL_DELTA + name]) / 3
-        torch.testing.assert_close(server_state["control"][name], expected)
+        expected = c + (results[0].upload["control_delta"][name] + results[1].upload["control_delta"][name]) / 3
+        torch.testing.assert_close(new_state["control"][name], expected)
     for name in initial:                         # equal sample counts: the plain mean of the models
-        torch.testing.assert_close(new_weights[name], (results[0].weights[name] + results[1].weights[name]) / 2)
+        torch.testing.assert_close(new_state["weights"][name],
+                                   (results[0].upload["weights"][name] + results[1].upload["weights"][name]) / 2)
 
 
 # ============================================================================ FedNova
@@ -210,28 +242,32 @@ def test_fednova_server_update_matches_hand_computation():
     """Client A: 30 samples, tau 3 (a = 4.25), w_A = w - 4.25 u; client B: 10 samples, tau 1
     (a = 1), w_B = w - v. So d_A = u, d_B = v, p = (0.75, 0.25), sum p a = 3.4375:
     w - 3.4375 (0.75 u + 0.25 v)."""
-    algorithm = make_algorithm(FedNova, "--momentum", "0.5")
-    initial = clone_weights(algorithm.new_model().state_dict())
+    algorithm, _ = make_algorithm(FedNova, "--momentum", "0.5")
+    initial = initial_weights_of(algorithm)
     generator = torch.Generator().manual_seed(4)
-    u = random_like_parameters(algorithm.local_model, generator, 0.01)
-    v = random_like_parameters(algorithm.local_model, generator, 0.01)
-    client_a = ClientResult(0, 30, {n: w - 4.25 * u[n] for n, w in initial.items()}, {}, {}, {"steps": 3}, [])
-    client_b = ClientResult(1, 10, {n: w - v[n] for n, w in initial.items()}, {}, {}, {"steps": 1}, [])
-    new_weights = algorithm.server_update(initial, [client_a, client_b], {})
+    u = random_like_parameters(algorithm.model("local"), generator, 0.01)
+    v = random_like_parameters(algorithm.model("local"), generator, 0.01)
+    client_a = ClientResult(0, 30, {"weights": {n: w - 4.25 * u[n] for n, w in initial.items()}}, {},
+                            {"steps": 3}, [])
+    client_b = ClientResult(1, 10, {"weights": {n: w - v[n] for n, w in initial.items()}}, {}, {"steps": 1}, [])
+    new_state = algorithm.server_update(algorithm.init_server(initial), [client_a, client_b], server_context())
     for name, w in initial.items():
-        torch.testing.assert_close(new_weights[name], w - 3.4375 * (0.75 * u[name] + 0.25 * v[name]))
+        torch.testing.assert_close(new_state["weights"][name], w - 3.4375 * (0.75 * u[name] + 0.25 * v[name]))
 
 
 def test_fednova_equals_fedavg_with_equal_steps():
-    algorithm = make_algorithm(FedNova, "--momentum", "0", "--num_local_iterations", "3", "--lr", "0.1",
-                               client_sizes=(8, 16, 24))
-    initial = clone_weights(algorithm.new_model().state_dict())
-    results = [algorithm.client_update(initial, {}, k, 0) for k in range(3)]
-    fednova = algorithm.server_update(initial, results, {})
-    fedavg = FedAvg.server_update(algorithm, initial, results, {})
+    algorithm, data = make_algorithm(FedNova, "--momentum", "0", "--num_local_iterations", "3", "--lr", "0.1",
+                                     client_sizes=(8, 16, 24))
+    initial = initial_weights_of(algorithm)
+    results = [run_client(algorithm, data, {"weights": initial}, {}, k, 0) for k in range(3)]
+    assert all(result.state == {} for result in results)          # FedNova keeps no per-client state
+    fednova = algorithm.server_update(algorithm.init_server(initial), results, server_context())["weights"]
+    fedavg = FedAvg.server_update(algorithm, algorithm.init_server(initial), results, server_context())["weights"]
     assert max((fednova[k] - initial[k]).abs().max().item() for k in initial) > 1e-3   # it moved
     assert max((fednova[k] - fedavg[k]).abs().max().item() for k in initial) < 1e-6
 
+
+# ============================================================================ flags
 
 def test_bad_flags_are_usage_errors(capsys):
     assert main(FedNova, ["--optimizer", "adam"]) == 2
@@ -240,13 +276,33 @@ def test_bad_flags_are_usage_errors(capsys):
     assert capsys.readouterr().err.count("error: ") == 3
 
 
+@pytest.mark.parametrize("algorithm_class,flag,owners", [
+    (FedHUG, "--mu", "fedprox, moon"),
+    (SCAFFOLD, "--mu", "fedprox, moon"),
+    (FedNova, "--temperature", "moon"),
+    (FedProx, "--g_steps", "fedhug"),
+])
+def test_a_flag_of_another_algorithm_is_refused_naming_its_owners(algorithm_class, flag, owners, capsys, tmp_path):
+    # a tiny run's flags, so that a flag wrongly accepted costs seconds, not a 70-round run
+    tiny_run = ["--n_parties", "2", "--comm_round", "1", "--num_local_iterations", "1", "--checkpoint_every", "0",
+                "--threads", "1", "--logdir", str(tmp_path)]
+    if algorithm_class is FedHUG:
+        tiny_run += ["--start_round", "0", "--g_steps", "1"]
+    assert main(algorithm_class, [*tiny_run, flag, "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} is not a flag of {algorithm_class.name} (it is a flag of {owners}); see --help" in err
+    assert "Traceback" not in err
+
+
 # ============================================================================ real runs
 
 @pytest.mark.parametrize("script", ["fedprox.py", "moon.py", "scaffold.py", "fednova.py"])
 def test_short_fashion_mnist_run_is_well_above_chance(script, tmp_path):
-    """3 rounds x 4 clients x 30 iterations, Dir(0.5), lr 0.05. Measured final accuracies:
-    FedProx 0.416, MOON 0.429, SCAFFOLD 0.430, FedNova 0.408 (= FedAvg's); chance is 0.1."""
-    command = [sys.executable, "-u", script, "--mu", "0.1", "--dataset", "fashionmnist", "--gpu", "0",
+    """3 rounds x 4 clients x 30 iterations, Dir(0.5), lr 0.05, --mu 0.1 for FedProx and MOON.
+    Measured final accuracies: FedProx 0.416, MOON 0.429, SCAFFOLD 0.430, FedNova 0.408
+    (= FedAvg's); chance is 0.1."""
+    mu = ["--mu", "0.1"] if script in ("fedprox.py", "moon.py") else []
+    command = [sys.executable, "-u", script, *mu, "--dataset", "fashionmnist", "--gpu", "0",
                "--partition", "noniid", "--model", "simplecnn-mnist", "--n_parties", "4",
                "--sample_fraction", "1.0", "--num_local_iterations", "30", "--beta", "0.5",
                "--comm_round", "3", "--lr", "0.05", "--save_model", "--threads", "1",
@@ -259,5 +315,9 @@ def test_short_fashion_mnist_run_is_well_above_chance(script, tmp_path):
     assert history[-1]["accuracy"] > 0.3
     assert (tmp_path / "run" / "global_model.pt").is_file()
     model_bytes = 44426 * 4
-    uploaded_per_client = 2 * model_bytes if script == "scaffold.py" else model_bytes
-    assert all(record["bytes_uploaded"] == 4 * uploaded_per_client for record in history)
+    # SCAFFOLD sends the control variate c down and delta c_i up beside the weights (all parameters,
+    # the same size); every upload also carries the client's sample count (8 bytes)
+    payloads_per_client = 2 if script == "scaffold.py" else 1
+    for record in history:
+        assert record["bytes_downloaded"] == 4 * payloads_per_client * model_bytes
+        assert record["bytes_uploaded"] == 4 * (payloads_per_client * model_bytes + 8)

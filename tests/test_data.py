@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cvdataset
-from conftest import run_script
+from conftest import algorithm_args, run_script
 from models import build_model, count_parameters
 from utils import UsageError, setup_seed
 
@@ -109,6 +109,59 @@ def test_partition_cli_prints_json_matching_the_library():
     assert sum(printed["client_sizes"]) == 60000
     table = run_script("cvdataset.py", "--beta", "0.1")
     assert table.returncode == 0 and "client" in table.stdout.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- the clients' data
+
+@pytest.fixture(scope="module")
+def fashion():
+    return cvdataset.load_dataset("fashionmnist")
+
+
+def test_federated_data_is_the_seeded_partition(fashion):
+    """engine.data.load_federated_data (what the driver and every worker call) gives each
+    client exactly the samples of the seeded partition (SPEC sections 2 and 4), the same every time."""
+    from engine.data import load_federated_data
+    from fedavg import FedAvg
+    args = algorithm_args(FedAvg, "--n_parties", "4", "--beta", "0.3", "--init_seed", "2")
+    data = load_federated_data(args, torch.device("cpu"), fashion)
+    setup_seed(2)
+    labels = fashion.train_labels.numpy()
+    parts = cvdataset.partition_data(labels, "noniid", 4, 0.3, 10)
+    assert data.client_indices == parts and data.class_counts == cvdataset.class_counts(labels, parts, 10)
+    for k, client in enumerate(data.clients):
+        idx = torch.as_tensor(parts[k])
+        assert torch.equal(client.images, fashion.train_images[idx]) and client.images.dtype == torch.uint8
+        assert torch.equal(client.labels, fashion.train_labels[idx])
+        assert client.num_samples == len(parts[k]) and client.class_counts.tolist() == data.class_counts[k]
+        assert client.test_images is None
+    assert torch.equal(data.test_labels, fashion.test_labels)           # the global test set
+    again = load_federated_data(args, torch.device("cpu"), fashion)
+    assert all(torch.equal(a.images, b.images) for a, b in zip(data.clients, again.clients))
+    x, y = data.clients[0].stream(torch.Generator().manual_seed(0)).next()
+    assert x.shape == (64, 1, 28, 28) and x.dtype == torch.float32 and y.shape == (64,)
+
+
+def test_eval_local_splits_each_client_of_the_pooled_data(fashion):
+    """--eval local (PFLlib): train and test sets pooled, partitioned, then every client's share
+    split train_ratio : rest, disjointly; no global test set."""
+    from engine.data import load_federated_data
+    from fedavg import FedAvg
+    args = algorithm_args(FedAvg, "--n_parties", "4", "--eval", "local", "--train_ratio", "0.75")
+    data = load_federated_data(args, torch.device("cpu"), fashion)
+    assert data.test_images is None and data.test_labels is None
+    setup_seed(0)
+    pool = torch.cat([fashion.train_labels, fashion.test_labels]).numpy()
+    parts = cvdataset.partition_data(pool, "noniid", 4, 0.5, 10)
+    for k, client in enumerate(data.clients):
+        n = len(parts[k])
+        assert client.num_samples == int(0.75 * n) and len(client.test_labels) == n - int(0.75 * n)
+        train = set(np.asarray(data.client_indices[k]).tolist())
+        assert len(train) == client.num_samples and train < set(parts[k])
+        held_out = sorted(set(parts[k]) - train)
+        pooled_labels = torch.as_tensor(pool)
+        assert sorted(client.test_labels.tolist()) == sorted(pooled_labels[held_out].tolist())
+    assert sum(c.num_samples + len(c.test_labels) for c in data.clients) == 70000
 
 
 # ----------------------------------------------------------------------------- data files

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import run_script
-from federation import ClientResult, FedAvg, sample_clients, weighted_average
+from engine import ClientResult, ServerContext, sample_clients, weighted_average
+from fedavg import FedAvg
 
 ROUND_LINE = re.compile(r">> Round (\d+) \| Current Acc: ([0-9.]+), Best Acc: ([0-9.]+)$")
 SMALL = ["--n_parties", "5", "--num_local_iterations", "20", "--comm_round", "2", "--beta", "0.5"]
@@ -39,16 +40,20 @@ def test_server_momentum_follows_hsu_et_al():
     args = argparse.Namespace(server_momentum=0.9, server_lr=1.0)
     algorithm = FedAvg.__new__(FedAvg)
     algorithm.args = args
+    server = ServerContext(0, torch.Generator().manual_seed(0), torch.device("cpu"))
+
     def result(value):
-        return ClientResult(0, 1, {"w": torch.tensor([value])}, {}, {}, {}, [])
-    state, w = {}, {"w": torch.tensor([1.0])}
-    w1 = algorithm.server_update(w, [result(0.5)], state)           # v = 0.5, w = 0.5
-    assert w1["w"].item() == pytest.approx(0.5)
-    w2 = algorithm.server_update(w1, [result(0.25)], state)         # v = 0.45 + 0.25 = 0.7
+        return ClientResult(0, 1, {"weights": {"w": torch.tensor([value])}}, {}, {}, [])
+    state = {"weights": {"w": torch.tensor([1.0])}}
+    state = algorithm.server_update(state, [result(0.5)], server)          # v = 0.5, w = 0.5
+    assert state["weights"]["w"].item() == pytest.approx(0.5)
+    assert state["velocity"]["w"].item() == pytest.approx(0.5)
+    state = algorithm.server_update(state, [result(0.25)], server)         # v = 0.45 + 0.25 = 0.7
     assert state["velocity"]["w"].item() == pytest.approx(0.7)
-    assert w2["w"].item() == pytest.approx(0.5 - 0.7)
-    args.server_momentum = 0.0                                      # plain FedAvg: the average
-    assert algorithm.server_update(w2, [result(0.3)], {})["w"].item() == pytest.approx(0.3)
+    assert state["weights"]["w"].item() == pytest.approx(0.5 - 0.7)
+    args.server_momentum = 0.0                                             # plain FedAvg: the average
+    plain = algorithm.server_update({"weights": state["weights"]}, [result(0.3)], server)
+    assert plain["weights"]["w"].item() == pytest.approx(0.3) and "velocity" not in plain
 
 
 def test_client_sampling_is_seeded_and_sized():
@@ -70,7 +75,14 @@ def test_fedavg_learns_and_logs_in_the_published_format(tmp_path):
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     assert [r["round"] for r in records] == [0, 1, 2, 3]
     assert records[-1]["accuracy"] == pytest.approx(accuracies[-1], abs=1e-5)
-    assert records[0]["bytes_uploaded"] == 5 * 44426 * 4
+    model_bytes = 44426 * 4
+    assert records[0]["bytes_uploaded"] == 5 * (model_bytes + 8)       # the weights and the sample count
+    assert records[0]["bytes_downloaded"] == 5 * model_bytes
+    assert records[0]["bytes_uploaded_per_client"] == [model_bytes + 8] * 5
+    assert records[0]["bytes_downloaded_per_client"] == [model_bytes] * 5
+    assert records[0]["bytes_uploaded_by_kind"] == {"weights": 5 * model_bytes, "num_samples": 5 * 8}
+    assert records[0]["bytes_downloaded_by_kind"] == {"weights": 5 * model_bytes}
+    assert records[0]["evaluation"] == "global" and records[0]["clients"] == [0, 1, 2, 3, 4]
     assert set(records[0]) >= {"train_loss", "seconds", "best_accuracy"}
     assert "beta: 0.5" in open(run_dir / "config.yaml").read()
     assert open(run_dir / "log.txt").read() == result.stdout
@@ -89,6 +101,10 @@ def test_same_seed_same_log_and_fedavgm_differs(tmp_path):
     assert trace(tmp_path / "a") == trace(tmp_path / "b")
     assert trace(tmp_path / "m") != trace(tmp_path / "a")
     assert trace(tmp_path / "s") != trace(tmp_path / "a")
+    # the registry's fedavgm (main.py --algorithm) is fedavg.py --server_momentum 0.9
+    by_name = run_script("main.py", "--algorithm", "fedavgm", *SMALL, logdir=tmp_path, name="n")
+    assert by_name.returncode == 0, by_name.stderr
+    assert by_name.stdout == momentum.stdout and trace(tmp_path / "n") == trace(tmp_path / "m")
 
 
 def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
@@ -122,6 +138,11 @@ BAD_INPUTS = [
     (["--lr", "0"], "--lr must be > 0"),
     (["--datadir", "/no/such/folder"], "--datadir /no/such/folder does not exist"),
     (["--device", "cuda:0"], "CUDA is not available"),
+    (["--eval", "personal"], "unknown --eval 'personal'"),
+    (["--train_ratio", "1"], "--train_ratio must be in (0, 1)"),
+    (["--client_models", "simplecnn-mnist,resnet"], "unknown --client_models 'resnet'"),
+    (["--mu", "0.1"], "--mu is not a flag of fedavg (it is a flag of fedprox, moon)"),
+    (["--g_steps", "3"], "--g_steps is not a flag of fedavg (it is a flag of fedhug)"),
 ]
 
 
@@ -132,6 +153,15 @@ def test_bad_input_is_one_clear_line(tmp_path, flags, message):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_main_py_runs_registry_names_and_refuses_unknown_ones(tmp_path):
+    listed = run_script("main.py", "--list")
+    assert listed.returncode == 0 and "fedavgm" in listed.stdout and "--server_momentum" in listed.stdout
+    unknown = run_script("main.py", "--algorithm", "fedfoo", "--comm_round", "1", logdir=tmp_path)
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr
+    errors = [line for line in unknown.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "unknown algorithm 'fedfoo'" in errors[0], unknown.stderr
 
 
 def test_broken_data_files_are_one_clear_line(tmp_path):

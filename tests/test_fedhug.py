@@ -7,47 +7,57 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cvdataset
 import synthesis
-from conftest import run_script
+from conftest import algorithm_args, run_script, synthetic_client_side
 from cvdataset import ShuffledBatches
+from engine import clone_weights, main
+from engine.checkpoint import load_checkpoint
+from engine.executors import run_client
+from fedavg import FedAvg
 from fedhug import Distillation, FedHUG
-from federation import FedAvg, clone_weights, load_checkpoint
 from models import build_model
-from utils import build_parser, parse_args
+
+IMAGE_SHAPE = (1, 28, 28)
 
 
-def tiny_setup(*flags):
-    """Two clients of random 28x28 images (no real data needed) and the FedHUG flags."""
+def tiny_args(*flags):
+    """FedHUG's flags for two clients, synthesis from round 1, a few steps of everything."""
+    return algorithm_args(FedHUG, "--n_parties", "2", "--start_round", "1", "--g_steps", "3",
+                          "--synthesis_batch_size", "12", "--num_local_iterations", "4", "--batch_size", "8",
+                          *flags)
+
+
+def tiny_client_side(algorithm_class, args, initial):
+    """(algorithm, data) over two clients of random 28x28 images (no real data needed): client 0
+    holds 30 samples of classes 0-2, client 1 30 samples of all ten classes. `initial` is the
+    run's initial global model (a never-trained client's previous model)."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (60, 1, 28, 28), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (60, *IMAGE_SHAPE), dtype=torch.uint8, generator=g)
     labels = torch.cat([torch.randint(0, 3, (30,), generator=g), torch.randint(0, 10, (30,), generator=g)])
-    data = cvdataset.Dataset("fashionmnist", images, labels, images[:10], labels[:10], 10, (0.5,), (0.5,))
-    args = parse_args(build_parser("test"), ["--n_parties", "2", "--start_round", "1", "--g_steps", "3",
-                                             "--synthesis_batch_size", "12", "--num_local_iterations", "4",
-                                             "--batch_size", "8", *flags])
-    return args, data, [list(range(30)), list(range(30, 60))]
+    return synthetic_client_side(algorithm_class, args, images, labels, [list(range(30)), list(range(30, 60))],
+                                 initial)
 
 
-def make(algorithm_class, args, data, parts, initial_weights):
-    torch.manual_seed(1)
-    algorithm = algorithm_class(args, data, parts, torch.device("cpu"))
-    algorithm.initial_weights = initial_weights
-    return algorithm
-
-
-def weights_of_seed(seed, data):
+def weights_of_seed(seed):
     torch.manual_seed(seed)
-    return clone_weights(build_model("simplecnn-mnist", 10, data.image_shape).state_dict())
+    return clone_weights(build_model("simplecnn-mnist", 10, IMAGE_SHAPE).state_dict())
+
+
+def same_weights(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_rounds_before_start_round_are_exactly_fedavg():
-    args, data, parts = tiny_setup()
-    w0 = weights_of_seed(0, data)
-    fedavg = make(FedAvg, args, data, parts, w0).client_update(w0, {}, 1, round_index=0)
-    fedhug = make(FedHUG, args, data, parts, w0).client_update(w0, {}, 1, round_index=0)
-    assert all(torch.equal(fedavg.weights[k], fedhug.weights[k]) for k in w0)
+    args, w0 = tiny_args(), weights_of_seed(0)
+    fedavg_algorithm, data = tiny_client_side(FedAvg, args, w0)
+    fedhug_algorithm, _ = tiny_client_side(FedHUG, args, w0)
+    fedavg = run_client(fedavg_algorithm, data, {"weights": w0}, {}, 1, 0)
+    fedhug = run_client(fedhug_algorithm, data, {"weights": w0}, {}, 1, 0)
+    assert same_weights(fedavg.upload["weights"], fedhug.upload["weights"])
+    assert fedhug.upload.keys() == {"weights"}
     assert fedhug.log_lines == []
+    assert fedavg.state == {}                                        # FedAvg keeps no per-client state
+    assert same_weights(fedhug.state["local_model"], fedhug.upload["weights"])   # FedHUG keeps its last model
 
 
 def parse_client_line(line):
@@ -56,38 +66,40 @@ def parse_client_line(line):
 
 
 def test_synthesis_plan_uses_last_model_or_initial_weights():
-    args, data, parts = tiny_setup()
-    w0, w_global, w_last = (weights_of_seed(s, data) for s in (0, 1, 2))
-    algorithm = make(FedHUG, args, data, parts, w0)
-    counts = torch.bincount(data.train_labels[30:], minlength=10)
-    real_w, syn_w = synthesis.loss_weights(counts)
+    args = tiny_args()
+    w0, w_global, w_last = (weights_of_seed(s) for s in (0, 1, 2))
+    algorithm, data = tiny_client_side(FedHUG, args, w0)
+    real_w, syn_w = synthesis.loss_weights(data.clients[1].class_counts)
 
     # a client that never trained compares the run's initial model with the global model
-    never = algorithm.client_update(w0, {}, 1, round_index=1)
+    never = run_client(algorithm, data, {"weights": w0}, {}, 1, 1)
     assert len(never.log_lines) == 1
     drift, budget, synthesised, real, syn = parse_client_line(never.log_lines[0])
     assert (drift, budget) == (0.0, 12)               # global == initial: no drift, base budget
     assert real == pytest.approx(real_w, abs=1e-3) and syn == pytest.approx(syn_w, abs=1e-3)
     assert 12 - 10 <= synthesised <= 12
+    never_later = run_client(algorithm, data, {"weights": w_global}, {}, 1, 1)
+    drift, *_ = parse_client_line(never_later.log_lines[0])
+    assert drift == pytest.approx(synthesis.drift(w0, w_global), abs=1e-4) and drift > 0.1
 
     # a client with a last model compares that model with the global model
-    trained = algorithm.client_update(w_global, {"last_model": w_last}, 1, round_index=1)
+    trained = run_client(algorithm, data, {"weights": w_global}, {"local_model": w_last}, 1, 1)
     drift, budget, *_ = parse_client_line(trained.log_lines[0])
     expected = synthesis.drift(w_last, w_global)
     assert drift == pytest.approx(expected, abs=1e-4) and expected > 0.1
     assert budget == synthesis.synthesis_budget(expected, 12, 1.0, 0.5, 2.0, 10)
-    assert all(torch.equal(trained.state["last_model"][k], trained.weights[k]) for k in w0)
+    assert same_weights(trained.state["local_model"], trained.upload["weights"])
 
 
 def test_local_loss_mixes_real_cross_entropy_and_distillation_by_hand():
-    args, data, parts = tiny_setup("--T", "2")
+    algorithm, _ = tiny_client_side(FedHUG, tiny_args("--T", "2"), weights_of_seed(0))
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     g = torch.Generator().manual_seed(3)
     syn_x, teacher = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
     x, y = torch.randn(2, 4, generator=g), torch.tensor([0, 2])
     batches = ShuffledBatches((syn_x, teacher), 8, torch.Generator().manual_seed(0))
     ctx = types.SimpleNamespace(round=1, step=0, distillation=Distillation(None, 0.25, 0.75, batches))
-    loss = make(FedHUG, args, data, parts, None).local_loss(model, x, y, ctx)
+    loss = algorithm.local_loss(model, x, y, ctx)
     with torch.no_grad():
         p_t = F.softmax(teacher / 2, 1)
         log_p_s = F.log_softmax(model(syn_x) / 2, 1)        # batch 8 > 5 samples: the whole set
@@ -107,9 +119,8 @@ def test_synthetic_batches_cover_the_set_and_reshuffle():
 
 
 def test_double_gen_resynthesises_halfway_with_the_training_model():
-    args, data, parts = tiny_setup("--double_gen")
-    w0 = weights_of_seed(0, data)
-    algorithm = make(FedHUG, args, data, parts, w0)
+    w0 = weights_of_seed(0)
+    algorithm, data = tiny_client_side(FedHUG, tiny_args("--double_gen"), w0)
     calls = []
     original = algorithm.synthesize
 
@@ -119,9 +130,9 @@ def test_double_gen_resynthesises_halfway_with_the_training_model():
         return batches
 
     algorithm.synthesize = recording
-    algorithm.client_update(w0, {"last_model": weights_of_seed(2, data)}, 0, round_index=1)
+    run_client(algorithm, data, {"weights": w0}, {"local_model": weights_of_seed(2)}, 0, 1)
     assert [(step, student) for step, student, _ in calls] == [(0, algorithm.previous_model),
-                                                                (2, algorithm.local_model)]
+                                                                (2, algorithm.model("local"))]
     assert calls[1][2]                                  # train mode restored after re-synthesis
 
 
@@ -132,28 +143,62 @@ def test_start_round_after_comm_round_is_a_usage_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_flags_of_other_algorithms_are_refused(capsys, tmp_path):
+    # a tiny run's flags, so that a flag wrongly accepted costs seconds, not a 70-round run
+    tiny_run = ["--n_parties", "2", "--comm_round", "1", "--start_round", "0", "--num_local_iterations", "1",
+                "--g_steps", "1", "--checkpoint_every", "0", "--threads", "1", "--logdir", str(tmp_path)]
+    assert main(FedHUG, [*tiny_run, "--mu", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --mu is not a flag of fedhug (it is a flag of fedprox, moon); see --help" in err
+    assert "Traceback" not in err
+
+
 def accuracies(stdout):
     return [float(a) for a in re.findall(r">> Round \d+ \| Current Acc: ([\d.]+)", stdout)]
 
 
+def fedhug_client_lines(stdout):
+    return [line for line in stdout.splitlines() if line.startswith("fedhug client")]
+
+
+WARM_START_COMMON = ["--n_parties", "4", "--beta", "0.5", "--num_local_iterations", "30", "--lr", "0.05"]
+FEDHUG_FLAGS = ["--start_round", "2", "--g_steps", "10", "--synthesis_batch_size", "32"]
+
+
 def test_fedavg_then_fedhug_warm_start_on_fashion_mnist(tmp_path):
-    common = ["--n_parties", "4", "--beta", "0.5", "--num_local_iterations", "30", "--lr", "0.05"]
-    fedavg = run_script("fedavg.py", *common, "--comm_round", "2", logdir=tmp_path, name="fedavg")
+    fedavg = run_script("fedavg.py", *WARM_START_COMMON, "--comm_round", "2", "--keep_client_models",
+                        logdir=tmp_path, name="fedavg")
     assert fedavg.returncode == 0, fedavg.stderr
     ckpt = load_checkpoint(str(tmp_path / "fedavg"))
+    assert ckpt["client_states"] == {}                      # FedAvg keeps no per-client state
+    assert sorted(ckpt["client_models"]) == [0, 1, 2, 3]    # --keep_client_models: the last uploads
 
-    fedhug = run_script("fedhug.py", *common, "--load_path", tmp_path / "fedavg", "--start_round", "2",
-                        "--comm_round", "4", "--g_steps", "10", "--synthesis_batch_size", "32",
-                        logdir=tmp_path, name="fedhug")
+    fedhug = run_script("fedhug.py", *WARM_START_COMMON, *FEDHUG_FLAGS, "--load_path", tmp_path / "fedavg",
+                        "--comm_round", "4", logdir=tmp_path, name="fedhug")
     assert fedhug.returncode == 0, fedhug.stderr
     out = fedhug.stdout
     assert "continuing at round 2" in out
-    lines = [line for line in out.splitlines() if line.startswith("fedhug client")]
+    lines = fedhug_client_lines(out)
     assert len(lines) == 8                                   # 4 clients x rounds 2 and 3
     assert [int(re.search(r"client (\d+)", line)[1]) for line in lines] == [0, 1, 2, 3] * 2
-    # round 2 compares each client's model carried in the FedAvg checkpoint with the global model
+    # round 2 compares each client's model kept in the FedAvg checkpoint with the global model
     for k, line in enumerate(lines[:4]):
-        expected = synthesis.drift(ckpt["client_states"][k]["last_model"], ckpt["global_weights"])
+        expected = synthesis.drift(ckpt["client_models"][k], ckpt["server_state"]["weights"])
+        assert expected > 0
         assert parse_client_line(line)[0] == pytest.approx(expected, abs=1e-4)
     acc = accuracies(out)
     assert len(acc) == 2 and acc[-1] > 0.3                   # chance is 0.1
+
+
+def test_warm_start_without_client_models_starts_clients_from_the_loaded_global_model(tmp_path):
+    fedavg = run_script("fedavg.py", *WARM_START_COMMON, "--comm_round", "1", logdir=tmp_path, name="fedavg")
+    assert fedavg.returncode == 0, fedavg.stderr
+    assert "client_models" not in load_checkpoint(str(tmp_path / "fedavg"))
+
+    fedhug = run_script("fedhug.py", *WARM_START_COMMON, "--start_round", "1", "--g_steps", "2",
+                        "--synthesis_batch_size", "16", "--load_path", tmp_path / "fedavg", "--comm_round", "2",
+                        logdir=tmp_path, name="fedhug")
+    assert fedhug.returncode == 0, fedhug.stderr
+    lines = fedhug_client_lines(fedhug.stdout)
+    assert len(lines) == 4                                   # 4 clients x round 1
+    assert [parse_client_line(line)[0] for line in lines] == [0.0] * 4   # previous model = the global one

@@ -2,10 +2,11 @@
 
 Tiny runs (4 clients, 2 rounds, 5 local iterations); the serial run of each algorithm is made
 once and compared bit for bit (log.txt, global weights, server and client states). Runs with
---workers go through `federation.main` in this process (no torch import per run); the Ray run
+--workers go through `engine.main` in this process (no torch import per run); the Ray run
 and the sweep are real subprocesses."""
 import argparse
 import importlib.util
+import json
 import os
 import pickle
 import sys
@@ -14,12 +15,15 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-import cvdataset
-import federation
-import parallel
+import engine
 import sweep
-from utils import UsageError, build_parser, parse_args
+from conftest import ROOT, algorithm_args, assert_same_tensors, run_script
+from engine import TrainingDiverged, parallel, registry
+from engine.executors import build_client_side, run_client
+from engine.loop import initial_weights
+from fedavg import FedAvg
+from models import client_architectures
+from utils import UsageError
 
 TINY = ["--n_parties", "4", "--comm_round", "2", "--num_local_iterations", "5"]
 # name -> (script, flags); MOON is the algorithm whose training reads its client state
@@ -34,7 +38,7 @@ def algorithm_class(name):
     if not os.path.isfile(os.path.join(ROOT, script)):
         pytest.skip(f"{script} does not exist yet: {name} is not covered")
     if script == "fedavg.py":
-        return federation.FedAvg
+        return FedAvg
     import moon
     return moon.MOON
 
@@ -43,7 +47,7 @@ def run(name, logdir, *extra):
     """One tiny run through the entry point in this process; returns its run directory."""
     script, flags = ALGORITHMS[name]
     argv = [*flags, *TINY, "--threads", "1", "--logdir", str(logdir), "--log_file_name", name, *extra]
-    assert federation.main(algorithm_class(name), argv) == 0
+    assert engine.main(algorithm_class(name), argv) == 0
     return os.path.join(logdir, name)
 
 
@@ -66,21 +70,11 @@ def serial_run(tmp_path_factory):
     return get
 
 
-def assert_same_tensors(expected, found, where):
-    """Equal structure and bit-identical tensors."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(found, torch.Tensor) and expected.dtype == found.dtype, where
-        assert torch.equal(expected, found), f"{where}: max difference {(expected - found).abs().max()}"
-    elif isinstance(expected, dict):
-        assert set(expected) == set(found), where
-        for key in expected:
-            assert_same_tensors(expected[key], found[key], f"{where}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(expected) == len(found), where
-        for i, (e, f) in enumerate(zip(expected, found)):
-            assert_same_tensors(e, f, f"{where}[{i}]")
-    else:
-        assert expected == found, where
+def metrics_without_time(run_dir):
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    for record in records:
+        record.pop("seconds")
+    return records
 
 
 def assert_same_run(serial_dir, other_dir):
@@ -89,11 +83,19 @@ def assert_same_run(serial_dir, other_dir):
     with open(os.path.join(other_dir, "log.txt")) as f:
         assert f.read() == serial_log
     assert ">> Round 1 | Current Acc:" in serial_log
+    assert metrics_without_time(other_dir) == metrics_without_time(serial_dir)
     serial = torch.load(os.path.join(serial_dir, "checkpoint.pt"), weights_only=True)
     other = torch.load(os.path.join(other_dir, "checkpoint.pt"), weights_only=True)
-    for key in ("global_weights", "server_state", "client_states", "best_acc"):
+    for key in ("round", "server_state", "client_states", "best_acc", "log_lines", "metrics_records"):
         assert_same_tensors(serial[key], other[key], key)
-    assert all("last_model" in state for state in serial["client_states"])
+    # the states compared are those each algorithm keeps: MOON every client's last local model
+    if serial["config"]["algorithm"] == "moon":
+        assert sorted(serial["client_states"]) == [0, 1, 2, 3]
+        assert all("local_model" in state for state in serial["client_states"].values())
+    else:
+        assert serial["client_states"] == {}
+    if serial["config"]["server_momentum"] > 0:
+        assert "velocity" in serial["server_state"]
 
 
 @pytest.mark.parametrize("name", list(ALGORITHMS))
@@ -134,58 +136,80 @@ def test_tasks_travel_exactly():
 
 # ---------------------------------------------------------------- failures inside workers
 
-class CrashingFedAvg(federation.FedAvg):
+class CrashingFedAvg(FedAvg):
     """Client 1's process dies in the middle of its update, as if killed."""
 
-    def client_update(self, global_weights, client_state, client_id, round_index, message=None):
-        if client_id == 1:
+    def client_update(self, ctx):
+        if ctx.client_id == 1:
             os._exit(7)
-        return super().client_update(global_weights, client_state, client_id, round_index, message)
+        return super().client_update(ctx)
 
 
 @pytest.fixture(scope="module")
 def tiny_setup():
-    """(args, data, client_indices, initial_weights) of a tiny run, for executors made by hand."""
-    args = parse_args(build_parser("test"), [*TINY, "--threads", "1"])
-    data = cvdataset.load_dataset(args.dataset, args.datadir)
-    indices = cvdataset.partition_data(data.train_labels.numpy(), args.partition, args.n_parties,
-                                       args.beta, data.num_classes, args.skew_class)
-    weights = federation.clone_weights(federation.FedAvg(args, data, indices, "cpu").new_model().state_dict())
-    return args, data, indices, weights
+    """(args, initial_weights {architecture: state dict}) of a tiny FedAvg run, for executors made by hand."""
+    args = algorithm_args(FedAvg, *TINY)
+    architectures = client_architectures(args.client_models, args.model, args.n_parties)
+    weights = initial_weights(args, architectures, 10, (1, 28, 28), torch.device("cpu"))
+    return args, weights
+
+
+def tasks_of(args, weights):
+    """Every client's task of round 0: (client_id, download, state)."""
+    return [(k, {"weights": weights[args.model]}, {}) for k in range(args.n_parties)]
 
 
 def test_worker_errors_reach_the_driver(tiny_setup):
     """A diverging client raises TrainingDiverged for the first failing client in sampled order
     (the serial run's error); a dead worker raises WorkerDied promptly instead of hanging."""
-    args, data, indices, weights = tiny_setup
-    clients = [(k, {}) for k in range(4)]
+    args, weights = tiny_setup
     diverging = argparse.Namespace(**dict(vars(args), lr=1e6))
-    with pytest.raises(federation.TrainingDiverged, match=r"round 0, client 0\b.*nan"):
-        serial = federation.FedAvg(diverging, data, indices, "cpu")
-        serial.client_update(weights, {}, 0, 0)            # the serial run fails at client 0
-    executor = parallel.ProcessExecutor((federation.FedAvg, diverging, indices, weights), 2)
-    with pytest.raises(federation.TrainingDiverged, match=r"round 0, client 0\b.*nan") as failure:
-        executor.run_clients(weights, {}, clients, 0)
+    tasks = tasks_of(args, weights)
+    algorithm, data = build_client_side(FedAvg, diverging, weights, torch.device("cpu"))
+    with pytest.raises(TrainingDiverged, match=r"round 0, client 0\b.*nan"):
+        run_client(algorithm, data, tasks[0][1], {}, 0, 0)     # the serial run fails at client 0
+    executor = parallel.ProcessExecutor((FedAvg, diverging, weights), 2)
+    with pytest.raises(TrainingDiverged, match=r"round 0, client 0\b.*nan") as failure:
+        executor.run_clients(tasks, 0)
     assert isinstance(failure.value.__cause__, parallel.WorkerTraceback)    # the worker's traceback
     assert "in client_update" in str(failure.value.__cause__)
     assert executor.workers == []      # the pool is shut down with the failed round
 
-    executor = parallel.ProcessExecutor((CrashingFedAvg, args, indices, weights), 2)
+    executor = parallel.ProcessExecutor((CrashingFedAvg, args, weights), 2)
     started = time.time()
     with pytest.raises(parallel.WorkerDied, match=r"died while running client 1 \(exit code 7"):
-        executor.run_clients(weights, {}, clients, 0)
+        executor.run_clients(tasks, 0)
     assert time.time() - started < 60
 
 
-class UnbuildableFedAvg(federation.FedAvg):
+def test_workers_return_the_serial_results(tiny_setup):
+    """Worker processes return exactly run_client's results in this process, in task order."""
+    args, weights = tiny_setup
+    tasks = tasks_of(args, weights)[::-1]          # any order of clients comes back in that order
+    algorithm, data = build_client_side(FedAvg, args, weights, torch.device("cpu"))
+    serial = [run_client(algorithm, data, download, state, k, 0) for k, download, state in tasks]
+    executor = parallel.ProcessExecutor((FedAvg, args, weights), 2)
+    try:
+        parallel_results = executor.run_clients(tasks, 0)
+    finally:
+        executor.close()
+    assert [r.client_id for r in parallel_results] == [3, 2, 1, 0]
+    for expected, found in zip(serial, parallel_results):
+        assert (found.client_id, found.num_samples, found.metrics, found.log_lines) == \
+            (expected.client_id, expected.num_samples, expected.metrics, expected.log_lines)
+        assert_same_tensors(expected.upload, found.upload, f"client {expected.client_id} upload")
+        assert_same_tensors(expected.state, found.state, f"client {expected.client_id} state")
+
+
+class UnbuildableFedAvg(FedAvg):
     def __init__(self, *args):
         raise UsageError("this algorithm cannot be built")
 
 
 def test_a_worker_that_cannot_start_reports_why(tiny_setup):
-    args, data, indices, weights = tiny_setup
+    args, weights = tiny_setup
     with pytest.raises(UsageError, match=r"this algorithm cannot be built"):
-        parallel.ProcessExecutor((UnbuildableFedAvg, args, indices, weights), 2)
+        parallel.ProcessExecutor((UnbuildableFedAvg, args, weights), 2)
 
 
 # ---------------------------------------------------------------- sweep.py
@@ -210,7 +234,9 @@ def test_sweep_dry_run_prints_the_grid(capsys):
 
 
 def test_sweep_rejects_bad_grids(monkeypatch, capsys):
-    monkeypatch.setitem(sweep.ALGORITHMS, "ghost", ["ghost.py"])
+    """An algorithm whose script is missing; a grid flag after --."""
+    monkeypatch.setitem(registry.ALGORITHMS, "ghost",
+                        registry.Entry("ghost", "Ghost", "fedavg", "FedAvg", "ghost.py", "baselines"))
     assert sweep.main(["--algorithms", "ghost", "--out", "/tmp/x", "--dry_run"]) == 2
     assert "ghost.py does not exist" in capsys.readouterr().err
     assert sweep.main(["--algorithms", "fedavg", "--out", "/tmp/x", "--dry_run", "--", "--init", "3"]) == 2

@@ -122,6 +122,7 @@ def test_csv_output_parses_to_the_right_numbers():
     best = rows[("best", SETTING_B, "fedavg")]
     assert float(best["mean"]) == pytest.approx(85.63, abs=1e-4)
     assert float(best["std"]) == pytest.approx(0.74 / math.sqrt(2), abs=1e-4)
+    assert {r["evaluation"] for r in rows.values()} == {"global"}     # the protocol of every cell
     single = rows[("best", SETTING_B, "fedavgm")]
     assert single["runs"] == "1" and single["std"] == ""
     assert float(single["mean"]) == pytest.approx(86.789, abs=1e-4)
@@ -148,9 +149,9 @@ def test_group_by_folder_or_path(tmp_path):
             f">> Round 0 | Current Acc: {accuracy:.5f}, Best Acc: {accuracy:.5f}\n")
     merged = python("tables.py", tmp_path, "--format", "csv")
     assert merged.returncode == 0, merged.stderr
-    assert ",same_setting,fedavg,2,60.0000,14.1421,1" in merged.stdout
+    assert ",same_setting,fedavg,global,2,60.0000,14.1421,1" in merged.stdout
     apart = python("tables.py", tmp_path / "a", tmp_path / "b", "--format", "csv", "--group_by", "path")
-    assert apart.stdout.count(",fedavg,1,") == 4          # 2 settings x final/best, one run each
+    assert apart.stdout.count(",fedavg,global,1,") == 4   # 2 settings x final/best, one run each
 
 
 def test_runs_of_different_lengths_are_flagged(tmp_path):
@@ -180,6 +181,17 @@ def test_run_directory_is_read_from_metrics_jsonl(tmp_path):
     # a folder walk reads *.log files only: the run directory is not counted a second time
     (tmp_path / "my_setting" / "scaffold_seed4.log").write_text(">> Round 0 | Current Acc: 0.30000, Best Acc: 0.30000\n")
     assert len(tables.collect_runs([str(tmp_path)])) == 1
+
+
+def test_runs_under_another_evaluation_protocol_get_their_own_column(tmp_path):
+    """--eval local numbers are not comparable with global ones: "<setting> [local]", named in the CSV."""
+    for name, protocol in (("fedavg_seed0", "global"), ("fedavg_seed1", "local")):
+        run_dir = tmp_path / "setting" / "runs" / name
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text(json.dumps(
+            {"round": 0, "evaluation": protocol, "accuracy": 0.5, "best_accuracy": 0.5}) + "\n")
+    runs = tables.collect_runs([str(tmp_path / "setting" / "runs" / n) for n in ("fedavg_seed0", "fedavg_seed1")])
+    assert sorted((r.setting, r.evaluation) for r in runs) == [("setting", "global"), ("setting [local]", "local")]
 
 
 @pytest.mark.parametrize("script", ["tables.py", "plot_curves.py"])

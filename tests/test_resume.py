@@ -2,6 +2,7 @@
 checkpoints are refused with one line; a diverging loss stops with the checkpoint kept."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script
-import federation
+import engine
+from conftest import ROOT, assert_same_tensors, run_script
+from fedavg import FedAvg
 
 TINY = ["--n_parties", "4", "--num_local_iterations", "8", "--comm_round", "4", "--beta", "0.5",
         "--batch_size", "32"]
@@ -23,6 +25,20 @@ ALGORITHMS = {
     "fedhug.py": ["--start_round", "1", "--g_steps", "3", "--synthesis_batch_size", "16"],
     "scaffold.py": [],
 }
+# algorithm script -> (keys of its server state, keys of every client's state) in a checkpoint
+STATE_KEYS = {
+    "fedavg.py": ({"weights", "velocity"}, None),      # FedAvgM keeps no client state
+    "moon.py": ({"weights"}, {"local_model"}),
+    "fedhug.py": ({"weights"}, {"local_model"}),
+    "scaffold.py": ({"weights", "control"}, {"control"}),
+}
+
+
+def one_error(result, message):
+    """Exit status 2, one `error:` line holding `message`, no traceback."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    return (result.returncode == 2 and len(errors) == 1 and message in errors[0]
+            and "Traceback" not in result.stderr)
 
 
 def metrics_without_time(run_dir):
@@ -65,13 +81,19 @@ def test_killed_and_resumed_run_equals_uninterrupted(tmp_path, script):
     assert metrics_without_time(killed_dir) == metrics_without_time(whole_dir)
     a = torch.load(whole_dir / "checkpoint.pt", weights_only=True)
     b = torch.load(killed_dir / "checkpoint.pt", weights_only=True)
+    assert a["format"] == b["format"] == 2
     assert a["round"] == b["round"] == 3
-    for key in a["global_weights"]:
-        assert torch.equal(a["global_weights"][key], b["global_weights"][key]), key
-    for state_a, state_b in zip(a["client_states"], b["client_states"]):
-        assert state_a.keys() == state_b.keys()
-        for key in state_a.get("last_model", {}):
-            assert torch.equal(state_a["last_model"][key], state_b["last_model"][key])
+    server_keys, client_keys = STATE_KEYS[script]
+    assert set(a["server_state"]) == server_keys
+    if client_keys is None:
+        assert a["client_states"] == {}
+    else:
+        assert sorted(a["client_states"]) == [0, 1, 2, 3]
+        assert all(set(state) == client_keys for state in a["client_states"].values())
+    for key in ("server_state", "client_states", "best_acc", "log_lines", "metrics_records"):
+        assert_same_tensors(a[key], b[key], key)
+    assert a["log_lines"] == len((whole_dir / "log.txt").read_text().splitlines()) - 1   # all but the Final line
+    assert a["metrics_records"] == 4
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +110,45 @@ def test_truncated_checkpoint_is_refused(finished_run, tmp_path):
     broken = tmp_path / "checkpoint.pt"
     broken.write_bytes(data[: len(data) // 2])
     result = run_script("fedavg.py", "--resume", broken)
-    assert result.returncode == 2 and "corrupt or truncated" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert one_error(result, "corrupt or truncated"), result.stderr
+    missing = run_script("fedavg.py", "--resume", tmp_path / "nothing_here")
+    assert one_error(missing, "no checkpoint at"), missing.stderr
+
+
+def test_old_format_checkpoint_is_refused(finished_run, tmp_path):
+    """A checkpoint written before the engine's reshaping (no format, flat global_weights, a
+    list of client states) is refused for --resume and --load_path, with what to do instead."""
+    new = torch.load(finished_run / "checkpoint.pt", weights_only=True)
+    old_dir = tmp_path / "old"
+    old_dir.mkdir()
+    torch.save({"config": new["config"], "round": new["round"], "global_weights": new["server_state"]["weights"],
+                "server_state": {}, "client_states": [{} for _ in range(3)], "best_acc": new["best_acc"],
+                "log_lines": [], "metrics": []}, old_dir / "checkpoint.pt")
+    for flag in ("--resume", "--load_path"):
+        result = run_script("fedavg.py", flag, old_dir, "--n_parties", "3", logdir=tmp_path, name="again")
+        assert one_error(result, "checkpoint format None"), (flag, result.stderr)
+        assert "cannot be resumed" in result.stderr and "--load_path" in result.stderr
+
+
+def test_warm_start_from_a_bare_global_model(finished_run, tmp_path):
+    """--load_path also takes a state dict (an old run's global_model.pt)."""
+    weights = torch.load(finished_run / "checkpoint.pt", weights_only=True)["server_state"]["weights"]
+    torch.save(weights, tmp_path / "global_model.pt")
+    result = run_script("fedavg.py", "--load_path", tmp_path / "global_model.pt", "--n_parties", "3",
+                        "--num_local_iterations", "2", "--comm_round", "1", logdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "warm start: global model from global_model.pt" in result.stdout
+
+
+def test_resume_with_an_incomplete_run_directory_is_refused(finished_run, tmp_path):
+    """The checkpoint counts the log lines and metrics records; a run directory holding fewer
+    (log.txt cut short) cannot be resumed."""
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run, copy)
+    lines = (copy / "log.txt").read_text().splitlines()
+    (copy / "log.txt").write_text("\n".join(lines[:3]) + "\n")
+    result = run_script("fedavg.py", "--resume", copy, "--comm_round", "3")
+    assert one_error(result, "the run directory is incomplete"), result.stderr
 
 
 def test_mismatched_checkpoint_names_what_differs(finished_run):
@@ -97,15 +156,15 @@ def test_mismatched_checkpoint_names_what_differs(finished_run):
     assert other_beta.returncode == 2
     assert "beta: 0.5 in the checkpoint, 0.3 here" in other_beta.stderr
     other_algorithm = run_script("moon.py", "--resume", finished_run)
-    assert other_algorithm.returncode == 2 and "is a fedavg run" in other_algorithm.stderr
+    assert one_error(other_algorithm, "is a fedavg run"), other_algorithm.stderr
 
 
 def test_warm_start_from_another_partition_is_refused(finished_run, tmp_path):
     result = run_script("fedavg.py", "--load_path", finished_run, "--n_parties", "4", logdir=tmp_path)
-    assert result.returncode == 2 and "n_parties: 3 in the checkpoint, 4 here" in result.stderr
+    assert one_error(result, "n_parties: 3 in the checkpoint, 4 here"), result.stderr
 
 
-class DivergesInRound1(federation.FedAvg):
+class DivergesInRound1(FedAvg):
     """FedAvg whose loss turns NaN in round 1 (stands in for a too-large learning rate)."""
     name = "fedavg"
 
@@ -117,9 +176,9 @@ class DivergesInRound1(federation.FedAvg):
 def test_nan_loss_stops_naming_round_and_client_and_keeps_the_checkpoint(tmp_path, capsys):
     argv = ["--n_parties", "3", "--num_local_iterations", "2", "--comm_round", "3", "--threads", "1",
             "--logdir", str(tmp_path), "--log_file_name", "nan"]
-    assert federation.main(DivergesInRound1, argv) == 3
+    assert engine.main(DivergesInRound1, argv) == 3
     error = capsys.readouterr().err
     assert "round 1, client 0" in error and "last good checkpoint" in error
     checkpoint = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["round"] == 0
-    assert all(torch.isfinite(v).all() for v in checkpoint["global_weights"].values())
+    assert checkpoint["round"] == 0 and checkpoint["metrics_records"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["server_state"]["weights"].values())

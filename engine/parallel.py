@@ -1,10 +1,9 @@
 """Sampled clients in parallel: local worker processes (--workers N) or Ray actors (--backend ray).
 
-A client's update is a pure function of (global weights, its state, its data, a seed derived
-from (init_seed, round, client)), so it can run anywhere. Each worker builds its own algorithm
-instance once, `algorithm_class(args, data, client_indices, cpu)`, with one torch thread; a task
-then carries only (global_weights, client_state, client_id, round, message) and returns the
-ClientResult. The per-client state stays with the driver. Results come back in sampled order
+A client's update is a pure function of (its download, its state, its data, a seed derived
+from (init_seed, round, client)), so it can run anywhere. Each worker builds its data and its
+algorithm instance once (engine.executors.build_client_side, on the CPU, one torch thread); a
+task then carries only (download, client_state, client_id, round) and returns the ClientResult. The per-client state stays with the driver. Results come back in sampled order
 and are bit-for-bit those of the serial run (the serial default is one torch thread too).
 
     python fedavg.py --workers 2 ...                        # 2 local processes, 1 thread each
@@ -26,41 +25,37 @@ import torch
 from tqdm import tqdm
 
 import cvdataset
-from utils import UsageError, setup_seed
+from engine.executors import build_client_side, run_client
+from utils import UsageError
 
 # Workers are forked from a clean server process that has imported the engine (and torch)
 # once: no copy of a driver whose torch threads may run ("fork" can hang then), and no
 # import of torch per worker ("spawn"). Start of 2 workers measured here: spawn 5.9 s,
 # forkserver 3.1 s, fork 1.0 s.
 START_METHOD = "forkserver"
-PRELOAD = ["federation"]
+PRELOAD = ["engine.executors"]
 
 
 class WorkerDied(RuntimeError):
     """A worker process or Ray actor ended without returning its client's result."""
 
 
-def make_executor(algorithm_class, args, client_indices, initial_weights):
-    """The executor federation.Run hands the sampled clients to (see federation.make_executor)."""
-    if any(w.device.type != "cpu" for w in initial_weights.values()):
+def make_executor(algorithm_class, args, initial_weights):
+    """The executor the round loop hands the sampled clients to (see engine.executors.make_executor)."""
+    if any(w.device.type != "cpu" for weights in initial_weights.values() for w in weights.values()):
         raise UsageError("--workers N and --backend ray run the clients on CPUs; add --device cpu "
                          "(or keep the GPU with --workers 1)")
-    build = (algorithm_class, args, client_indices, initial_weights)
+    build = (algorithm_class, args, initial_weights)
     if args.backend == "ray":
         return RayExecutor(build, args.workers, args.ray_address)
     return ProcessExecutor(build, min(args.workers, args.n_parties))
 
 
-def build_algorithm(algorithm_class, args, client_indices, initial_weights, data=None):
-    """What a worker does once: one torch thread, the seeds and data as in the driver, the
-    algorithm instance (on the CPU) and the run's initial global weights."""
+def build_worker(algorithm_class, args, initial_weights, dataset=None):
+    """What a worker does once: one torch thread, then the clients' data and the algorithm
+    instance on the CPU, as the driver builds them. Returns (algorithm, data)."""
     torch.set_num_threads(1)
-    setup_seed(args.init_seed)
-    if data is None:
-        data = cvdataset.load_dataset(args.dataset, args.datadir)
-    algorithm = algorithm_class(args, data, client_indices, torch.device("cpu"))
-    algorithm.initial_weights = initial_weights
-    return algorithm
+    return build_client_side(algorithm_class, args, initial_weights, torch.device("cpu"), dataset)
 
 
 def run_in_order(clients, workers, submit, first_done, fetch, bar):
@@ -124,7 +119,7 @@ def worker_main(connection, build):
     """A worker process: build the algorithm, say "ready", then answer tasks until told to stop.
     Replies are pickled (kind, payload) with kind "ready", "result" or "error"."""
     try:
-        algorithm = build_algorithm(*build)
+        algorithm, data = build_worker(*build)
     except BaseException as error:
         send_error(connection, error)
         return
@@ -137,7 +132,7 @@ def worker_main(connection, build):
         if not task:       # the driver's stop message
             return
         try:
-            result = algorithm.client_update(*pickle.loads(task))
+            result = run_client(algorithm, data, *pickle.loads(task))
         except BaseException as error:
             send_error(connection, error)
             continue
@@ -200,12 +195,11 @@ class ProcessExecutor:
             self.close()
             raise
 
-    def run_clients(self, global_weights, message, clients, round_index, progress=False):
-        """clients: [(client_id, client_state)] -> [ClientResult] in the same order."""
-        def submit(worker, client):
-            client_id, state = client
-            task = (global_weights, state, client_id, round_index, message)
-            worker.connection.send_bytes(dumps(task))
+    def run_clients(self, tasks, round_index, progress=False):
+        """tasks: [(client_id, download, state)] -> [ClientResult] in the same order."""
+        def submit(worker, task):
+            client_id, download, state = task
+            worker.connection.send_bytes(dumps((download, state, client_id, round_index)))
             worker.client_id = client_id
             return worker.connection
 
@@ -214,9 +208,9 @@ class ProcessExecutor:
             worker.client_id = None
             return result
 
-        bar = progress_bar(clients, round_index, progress)
+        bar = progress_bar(tasks, round_index, progress)
         try:
-            return run_in_order(clients, self.workers, submit, lambda handles: wait(handles)[0], fetch, bar)
+            return run_in_order(tasks, self.workers, submit, lambda handles: wait(handles)[0], fetch, bar)
         except BaseException:
             self.close()      # the run ends here; a worker may be dead or still busy
             raise
@@ -240,7 +234,7 @@ class ProcessExecutor:
 
 # ============================================================================ Ray
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository root
 SHIP_EXCLUDES = [".venv", ".git", "data", "logs", "log", "**/*.pt"]
 
 
@@ -274,11 +268,11 @@ def start_ray(address, num_cpus):
 class ClientActor:
     """A Ray actor holding one algorithm instance (the dataset arrives once, through the object store)."""
 
-    def __init__(self, build, data):
+    def __init__(self, build, dataset):
         try:
-            self.algorithm, self.error = build_algorithm(*build, data=data), None
+            (self.algorithm, self.data), self.error = build_worker(*build, dataset=dataset), None
         except Exception as error:
-            self.algorithm, self.error = None, error
+            self.algorithm, self.data, self.error = None, None, error
 
     def ready(self):
         if self.error is not None:
@@ -288,7 +282,7 @@ class ClientActor:
     def run_client(self, task):
         """A task and its result travel as `dumps` bytes, as with local workers (measured here: a
         round trip of a task and its result took 11 ms so, 32 ms as tensors in Ray's own pickling)."""
-        return dumps(self.algorithm.client_update(*pickle.loads(task)))
+        return dumps(run_client(self.algorithm, self.data, *pickle.loads(task)))
 
 
 class RayExecutor:
@@ -304,7 +298,11 @@ class RayExecutor:
         data = ray.put(cvdataset.load_dataset(args.dataset, args.datadir))
         actor_class = ray.remote(num_cpus=1)(ClientActor)
         self.actors = [actor_class.remote(build, data) for _ in range(min(count, args.n_parties))]
-        self.get([actor.ready.remote() for actor in self.actors])
+        try:      # a failed start (e.g. missing data) is reported here, and Ray is shut down
+            self.get([actor.ready.remote() for actor in self.actors])
+        except BaseException:
+            self.close()
+            raise
 
     def get(self, references):
         """ray.get, turning a task's error back into the algorithm's own exception."""
@@ -318,13 +316,13 @@ class RayExecutor:
             raise WorkerDied(f"a Ray actor died ({str(error).splitlines()[0]}); "
                              "rerun with --workers 1 to see the error here, then --resume")
 
-    def run_clients(self, global_weights, message, clients, round_index, progress=False):
-        """clients: [(client_id, client_state)] -> [ClientResult] in the same order."""
+    def run_clients(self, tasks, round_index, progress=False):
+        """tasks: [(client_id, download, state)] -> [ClientResult] in the same order."""
         ray = self.ray
 
-        def submit(actor, client):
-            client_id, state = client
-            return actor.run_client.remote(dumps((global_weights, state, client_id, round_index, message)))
+        def submit(actor, task):
+            client_id, download, state = task
+            return actor.run_client.remote(dumps((download, state, client_id, round_index)))
 
         def first_done(references):
             while True:       # short waits: Ctrl-C is seen between them, not inside ray.wait
@@ -332,9 +330,9 @@ class RayExecutor:
                 if done:
                     return done[0]
 
-        bar = progress_bar(clients, round_index, progress)
+        bar = progress_bar(tasks, round_index, progress)
         try:
-            return run_in_order(clients, self.actors, submit, first_done,
+            return run_in_order(tasks, self.actors, submit, first_done,
                                 lambda reference, actor: pickle.loads(self.get(reference)), bar)
         finally:
             bar.close()

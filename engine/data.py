@@ -1,0 +1,103 @@
+"""The clients' data, loaded in one place: the driver, every local worker and every Ray actor
+call `load_federated_data(args, device)` and get the same partition bit for bit.
+
+Evaluation protocols (--eval) decide what is split how:
+  global, groups  the official training set is partitioned over the clients; scores are taken
+                  on the whole official test set (SPEC section 1).
+  local           PFLlib's protocol (spec/pfl-htfl.md section 1.1): the official training and
+                  test sets are concatenated (train first), that pool is partitioned, then each
+                  client's share is split, clients in order 0..K-1, with the numpy global RNG
+                  continuing after the partition:
+                      perm = np.random.permutation(n_k); n_train = floor(train_ratio * n_k)
+                      test = perm[:n_k - n_train],  train = perm[n_k - n_train:]
+                  so each client's test part follows its own label skew. There is no global test set.
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+import cvdataset
+from utils import UsageError, setup_seed
+
+
+
+@dataclass
+class ClientData:
+    """One client's data on the training device: uint8 images, int64 labels, and (--eval local)
+    its own test split."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_counts: torch.Tensor
+    mean: tuple
+    std: tuple
+    batch_size: int
+    test_images: torch.Tensor = None
+    test_labels: torch.Tensor = None
+
+    @property
+    def num_samples(self):
+        return len(self.labels)
+
+    def stream(self, generator, augment=True, batch_size=None):
+        """Endless shuffled batches (x normalised, augmented unless augment=False; y)."""
+        return cvdataset.BatchStream(self.images, self.labels, batch_size or self.batch_size, generator,
+                                     self.mean, self.std, augment=augment)
+
+
+@dataclass
+class FederatedData:
+    dataset: cvdataset.Dataset
+    client_indices: list           # indices into the pool the clients were partitioned from
+    class_counts: list             # [clients][classes], training parts
+    clients: list                  # ClientData per client
+    test_images: torch.Tensor      # the global test set (None for --eval local)
+    test_labels: torch.Tensor
+
+    @property
+    def num_classes(self):
+        return self.dataset.num_classes
+
+
+def split_train_test(n, train_ratio):
+    """(train positions, test positions) of one client's n samples, drawn from numpy's global RNG."""
+    perm = np.random.permutation(n)
+    n_test = n - math.floor(train_ratio * n)
+    return perm[n_test:], perm[:n_test]
+
+
+def load_federated_data(args, device, dataset=None):
+    """Seed (SPEC section 4), load the dataset (unless given), partition it over the clients and
+    put each client's data on `device`."""
+    setup_seed(args.init_seed)
+    if dataset is None:
+        dataset = cvdataset.load_dataset(args.dataset, args.datadir)
+    images, labels = dataset.train_images, dataset.train_labels
+    if args.eval == "local":
+        images = torch.cat([dataset.train_images, dataset.test_images])
+        labels = torch.cat([dataset.train_labels, dataset.test_labels])
+    client_indices = cvdataset.partition_data(labels.numpy(), args.partition, args.n_parties, args.beta,
+                                              dataset.num_classes, args.skew_class)
+    test_parts = [None] * len(client_indices)
+    if args.eval == "local":
+        splits = [split_train_test(len(idx), args.train_ratio) for idx in client_indices]
+        test_parts = [np.asarray(idx)[test] for idx, (_, test) in zip(client_indices, splits)]
+        client_indices = [np.asarray(idx)[train] for idx, (train, _) in zip(client_indices, splits)]
+    if min(len(idx) for idx in client_indices) == 0:
+        raise UsageError(f"--train_ratio {args.train_ratio} leaves a client with no training samples; "
+                         "raise it or use fewer clients")
+    counts = cvdataset.class_counts(labels.numpy(), client_indices, dataset.num_classes)
+    clients = []
+    for k, idx in enumerate(client_indices):
+        idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        client = ClientData(images[idx].to(device), labels[idx].to(device),
+                            torch.as_tensor(counts[k], dtype=torch.long), dataset.mean, dataset.std,
+                            args.batch_size)
+        if test_parts[k] is not None:
+            test_idx = torch.as_tensor(np.asarray(test_parts[k], dtype=np.int64))
+            client.test_images, client.test_labels = images[test_idx].to(device), labels[test_idx].to(device)
+        clients.append(client)
+    global_test = (None, None) if args.eval == "local" else (dataset.test_images.to(device),
+                                                             dataset.test_labels.to(device))
+    return FederatedData(dataset, client_indices, counts, clients, *global_test)

@@ -1,0 +1,72 @@
+"""Evaluation protocols (--eval), each named in the log, every metrics record and the tables.
+
+    global  top-1 accuracy of the global model (--model, holding algorithm.global_weights) on
+            the global test set (SPEC section 4).
+    local   PFLlib's (spec/pfl-htfl.md sections 1.3-1.4): every client's reported model
+            (algorithm.evaluation_model: what it would download now composed with its own
+            state) on its own test split; accuracy = sum_k correct_k / sum_k n_k^test over ALL
+            clients (a micro average); the per-client accuracies and their np.std are recorded.
+            Taken after aggregation, i.e. on what the clients receive at the start of the next
+            round: PFLlib's "after download, before training" point.
+    groups  each architecture in --client_models builds its model from the global weights
+            (the entries it has) and is scored on the global test set; accuracy = unweighted
+            mean over groups (InCo), every group's accuracy recorded.
+"""
+import numpy as np
+import torch
+
+import cvdataset
+from utils import UsageError
+
+
+@torch.no_grad()
+def count_correct(model, images, labels, mean, std, batch_size=2000):
+    """Correct top-1 predictions of `model` on uint8 images (normalised here)."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(labels), batch_size):
+        x = cvdataset.normalise(images[start:start + batch_size], mean, std)
+        correct += (model(x).argmax(1) == labels[start:start + batch_size]).sum().item()
+    return correct
+
+
+def evaluate_global(algorithm, server_state, data):
+    model = algorithm.frozen_model("evaluation", algorithm.args.model, algorithm.global_weights(server_state))
+    mean, std = data.dataset.mean, data.dataset.std
+    return {"accuracy": count_correct(model, data.test_images, data.test_labels, mean, std) / len(data.test_labels)}
+
+
+def evaluate_local(algorithm, server_state, client_states, data):
+    correct, tested = [], []
+    for k, client in enumerate(data.clients):
+        model = algorithm.evaluation_model(k, algorithm.download(server_state, k), client_states[k])
+        correct.append(count_correct(model, client.test_images, client.test_labels, client.mean, client.std))
+        tested.append(len(client.test_labels))
+    per_client = [c / n for c, n in zip(correct, tested)]
+    return {"accuracy": sum(correct) / sum(tested), "client_accuracies": per_client,
+            "client_accuracy_std": float(np.std(per_client))}
+
+
+def evaluate_groups(algorithm, server_state, data):
+    weights = algorithm.global_weights(server_state)
+    groups = {}
+    for architecture in dict.fromkeys(algorithm.setting.client_models):
+        keys = algorithm.model("evaluation", architecture).state_dict().keys()
+        missing = [key for key in keys if key not in weights]
+        if missing:
+            raise UsageError(f"--eval groups: the global model has no {missing[0]} for {architecture}; "
+                             "make --model the largest architecture (it must hold every group's entries)")
+        group_weights = {key: weights[key] for key in keys}
+        model = algorithm.frozen_model("evaluation", architecture, group_weights)
+        groups[architecture] = count_correct(model, data.test_images, data.test_labels,
+                                             data.dataset.mean, data.dataset.std) / len(data.test_labels)
+    return {"accuracy": float(np.mean(list(groups.values()))), "group_accuracies": groups}
+
+
+def evaluate(protocol, algorithm, server_state, client_states, data):
+    """{"accuracy": the headline number, ...details} under `protocol`."""
+    if protocol == "local":
+        return evaluate_local(algorithm, server_state, client_states, data)
+    if protocol == "groups":
+        return evaluate_groups(algorithm, server_state, data)
+    return evaluate_global(algorithm, server_state, data)

@@ -1,0 +1,290 @@
+"""The round loop, and `main`, the entry point of every algorithm script.
+
+    for each round r:
+        sampled  = seeded draw of int(n_parties * sample_fraction) clients
+        download = algorithm.download(server_state, k)            for each sampled k
+        results  = the sampled clients' algorithm.client_update   (serial, workers or Ray)
+        server_state = algorithm.server_update(server_state, results, server context)
+        evaluate (--eval), log ">> Round r | Current Acc: ..., Best Acc: ...", metrics, checkpoint
+
+Observers (engine/observers.py) see every download and upload; the communication counter is
+always one of them.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import cvdataset
+from engine import registry
+from engine.algorithm import ServerContext, TrainingDiverged, clone_weights
+from engine.checkpoint import check_same, client_states_from, load_checkpoint, save_checkpoint
+from engine.evaluation import evaluate
+from engine.executors import build_client_side, initial_weights, make_executor  # noqa: F401 (initial_weights re-exported)
+from engine.observers import CommunicationCounter
+from engine.registry import EVAL_PROTOCOLS
+from engine.rundir import RunDirectory
+from models import count_parameters
+from utils import (UsageError, build_parser, choose_device, config_fingerprint, derived_seed, parse_args,
+                   set_threads)
+
+
+def sample_clients(init_seed, round_index, n_parties, sample_fraction):
+    """int(n_parties * sample_fraction) distinct clients, in increasing order, from a seeded RNG."""
+    count = int(n_parties * sample_fraction)
+    if count >= n_parties:
+        return list(range(n_parties))
+    rng = np.random.default_rng(derived_seed(init_seed, round_index, "sample"))
+    return sorted(rng.choice(n_parties, size=count, replace=False).tolist())
+
+
+def to_device(obj, device):
+    """Every tensor in nested dicts and lists moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_device(v, device) for v in obj]
+    return obj
+
+
+def read_warm_start(args):
+    """Read and check --load_path before anything is written: a checkpoint of any algorithm on
+    the same data and partition, or a bare state dict of a global model. Returns
+    {"weights": the global model, "checkpoint": the checkpoint or None}."""
+    path = args.load_path
+    if os.path.isfile(path) and not path.endswith("checkpoint.pt"):
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UsageError(f"--load_path {path} cannot be read ({type(e).__name__})")
+        if isinstance(obj, dict) and "server_state" not in obj and "format" not in obj and "config" not in obj:
+            return {"weights": obj, "checkpoint": None}
+    ckpt = load_checkpoint(path)
+    keys = ("dataset", "model", "partition", "beta", "n_parties", "init_seed", "skew_class", "eval", "train_ratio")
+    check_same("run's data and partition", {k: getattr(args, k) for k in keys},
+               {k: ckpt["config"].get(k) for k in keys}, ckpt["path"])
+    if "weights" not in ckpt["server_state"]:
+        raise UsageError(f"--load_path {ckpt['path']}: that run has no global model to start from")
+    return {"weights": ckpt["server_state"]["weights"], "checkpoint": ckpt}
+
+
+class Run:
+    """One federated run: its directory, data, algorithm, state, executor and observers."""
+
+    def __init__(self, algorithm_class, args, resume_checkpoint=None, observers=()):
+        self.args = args
+        self.algorithm_class = algorithm_class
+        self.device = choose_device(args)
+        set_threads(args.threads)
+        warm = read_warm_start(args) if args.load_path and resume_checkpoint is None else None
+        self.algorithm, self.data = build_client_side(algorithm_class, args, None, self.device)
+        self.server_state = self.algorithm.init_server(self.algorithm.setting.initial_weights[args.model])
+        self.client_states = [{} for _ in range(args.n_parties)]
+        self.kept_models = {}      # --keep_client_models: every client's last uploaded weights
+        self.start_round, self.best_acc = 0, 0.0
+        self.counter = CommunicationCounter()
+        self.observers = [self.counter, *observers]
+        self.executor = None
+        if resume_checkpoint is not None:
+            self.dir = RunDirectory(os.path.dirname(os.path.abspath(resume_checkpoint["path"])),
+                                    resume_checkpoint["log_lines"], resume_checkpoint["metrics_records"])
+            print(f"resumed from {resume_checkpoint['path']} after round {resume_checkpoint['round']}",
+                  file=sys.stderr)
+            self.restore(resume_checkpoint)
+            return
+        if warm is not None:
+            self.set_global_weights(warm["weights"], args.load_path)     # checked before anything is written
+        self.dir = RunDirectory.create(args.logdir, args.log_file_name
+                                       or RunDirectory.default_name(algorithm_class.name, args))
+        self.dir.write_config(self.config())
+        self.log_setup()
+        if warm is not None:
+            self.warm_start(warm)
+
+    # ------------------------------------------------------------------ setup
+    def config(self):
+        return dict(vars(self.args), algorithm=self.algorithm_class.name)
+
+    def log_setup(self):
+        a = self.args
+        model = self.algorithm.model("evaluation", a.model)
+        self.dir.log("config: " + json.dumps(config_fingerprint(self.config()), sort_keys=True))
+        self.dir.log(f"{self.algorithm_class.name}: {a.dataset}, {a.model} ({count_parameters(model):,} parameters), "
+                     f"{a.n_parties} clients, partition {a.partition}"
+                     + (f" beta {a.beta}" if a.partition == "noniid" else ""))
+        if a.client_models:
+            self.dir.log(f"client models: {', '.join(self.algorithm.setting.client_models)}")
+        self.dir.log(f"evaluation: {a.eval} ({EVAL_PROTOCOLS[a.eval]})")
+        self.dir.log("class counts per client:")
+        self.dir.log(cvdataset.format_class_counts(self.data.class_counts))
+
+    def warm_start(self, warm):
+        """--load_path (read by read_warm_start): the global model is set; now the round counter,
+        the best accuracy and, for algorithms that use them (MOON, FedHUG), the clients' last
+        local models when the checkpoint has them. The loaded global model also stands for the
+        run's initial model."""
+        ckpt = warm["checkpoint"]
+        if ckpt is None:
+            self.dir.log(f"warm start: global model from {os.path.basename(self.args.load_path)}")
+            return
+        if self.algorithm.keeps_local_model:
+            saved = {**ckpt.get("client_models", {}),
+                     **{k: s["local_model"] for k, s in ckpt["client_states"].items() if "local_model" in s}}
+            for k, weights in saved.items():
+                self.client_states[int(k)]["local_model"] = to_device(weights, self.device)
+        self.start_round = ckpt["round"] + 1
+        self.best_acc = ckpt["best_acc"]
+        self.dir.log(f"warm start: {ckpt['config']['algorithm']} checkpoint after round {ckpt['round']}, "
+                     f"continuing at round {self.start_round}")
+
+    def set_global_weights(self, weights, path):
+        model = self.algorithm.model("evaluation", self.args.model)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UsageError(f"{path} does not hold a {self.args.model} for {self.args.dataset}: "
+                             f"{str(e).splitlines()[0]}")
+        self.server_state["weights"] = clone_weights(model.state_dict())
+        self.algorithm.setting.initial_weights[self.args.model] = clone_weights(model.state_dict())
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self, round_index):
+        self.dir.flush()
+        save_checkpoint(self.dir.file("checkpoint.pt"), self.config(), round_index, self.server_state,
+                        self.client_states, self.best_acc, len(self.dir.lines), len(self.dir.records),
+                        client_models=self.kept_models if self.args.keep_client_models else None)
+
+    def restore(self, ckpt):
+        """--resume: the states as checkpointed (loaded on the CPU, moved to this run's device)."""
+        self.server_state = to_device(ckpt["server_state"], self.device)
+        self.client_states = to_device(client_states_from(ckpt, self.args.n_parties), self.device)
+        self.kept_models = to_device(ckpt.get("client_models", {}), self.device)
+        self.start_round = ckpt["round"] + 1
+        self.best_acc = ckpt["best_acc"]
+        self.dir.write_config(self.config())
+
+    # ------------------------------------------------------------------ the loop
+    def run_round(self, round_index, show):
+        a, algorithm = self.args, self.algorithm
+        started = time.perf_counter()
+        sampled = sample_clients(a.init_seed, round_index, a.n_parties, a.sample_fraction)
+        server = ServerContext(round_index, torch.Generator().manual_seed(
+            derived_seed(a.init_seed, round_index, "server")), self.device)
+        downloads = {k: algorithm.download(self.server_state, k) for k in sampled}
+        for k in sampled:
+            for observer in self.observers:
+                observer.on_download(round_index, k, downloads[k], self.server_state)
+        results = self.executor.run_clients([(k, downloads[k], self.client_states[k]) for k in sampled],
+                                            round_index, progress=show)
+        for result in results:
+            self.client_states[result.client_id] = result.state
+            if a.keep_client_models and "weights" in result.upload:
+                self.kept_models[result.client_id] = result.upload["weights"]
+            for line in result.log_lines:
+                self.dir.log(line)
+            for observer in self.observers:
+                observer.on_upload(round_index, result.client_id, downloads[result.client_id], result)
+        self.server_state = algorithm.server_update(self.server_state, results, server)
+        for line in server.log_lines:
+            self.dir.log(line)
+        scores = evaluate(a.eval, algorithm, self.server_state, self.client_states, self.data)
+        acc = scores.pop("accuracy")
+        self.best_acc = max(self.best_acc, acc)
+        self.dir.log(f">> Round {round_index} | Current Acc: {acc:.5f}, Best Acc: {self.best_acc:.5f}")
+        losses = [r.metrics["train_loss"] for r in results if "train_loss" in r.metrics]
+        record = {"round": round_index, "evaluation": a.eval, "accuracy": acc, "best_accuracy": self.best_acc,
+                  "train_loss": float(np.mean(losses)) if losses else None,
+                  "seconds": round(time.perf_counter() - started, 4), "clients": sampled}
+        for observer in self.observers:
+            record.update(observer.end_round(round_index))
+        record.update(scores)
+        self.dir.write_metrics(record)
+
+    def run(self):
+        a = self.args
+        show = sys.stderr.isatty()
+        self.executor = make_executor(self.algorithm_class, self.algorithm, self.data, a,
+                                      self.algorithm.setting.initial_weights)
+        try:
+            for round_index in tqdm(range(self.start_round, a.comm_round), desc="rounds", disable=not show,
+                                    file=sys.stderr, initial=self.start_round, total=a.comm_round):
+                self.run_round(round_index, show)
+                if a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
+                                           or round_index == a.comm_round - 1):
+                    self.checkpoint(round_index)
+            if self.dir.records:
+                final = self.dir.records[-1]
+                self.dir.log(f">> Final Acc: {final['accuracy']:.5f} (round {final['round']}), "
+                             f"Best Acc: {self.best_acc:.5f} (selected on the test set)")
+            if a.save_model:
+                torch.save(self.algorithm.global_weights(self.server_state), self.dir.file("global_model.pt"))
+        finally:
+            self.executor.close()
+            self.dir.close()
+        return self.dir.records
+
+
+# ============================================================================ entry point
+
+def algorithm_parser(algorithm_class, presets=None):
+    parser = build_parser(f"{algorithm_class.name}: federated learning on Non-IID data",
+                          algorithm_class.all_flags())
+    if presets:
+        parser.set_defaults(**presets)
+    return parser
+
+
+def main(algorithm_class, argv=None, observers=()):
+    """Entry point of every algorithm script: parse, run, and turn bad input into one line.
+    `algorithm_class` is a class or a registry name (main.py --algorithm fedavgm)."""
+    try:
+        presets = None
+        if isinstance(algorithm_class, str):
+            entry = registry.get(algorithm_class)
+            algorithm_class, presets = entry.load(), entry.presets
+        parser = algorithm_parser(algorithm_class, presets)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        pre, unknown = parser.parse_known_args(argv)
+        refuse_unknown_flags(algorithm_class, unknown)
+        checkpoint = load_checkpoint(pre.resume) if pre.resume else None
+        args = parse_args(parser, argv, checkpoint["config"] if checkpoint else None)
+        algorithm_class.check_args(args)
+        if checkpoint is not None:
+            if checkpoint["config"].get("algorithm") != algorithm_class.name:
+                found = checkpoint["config"].get("algorithm")
+                raise UsageError(f"checkpoint {checkpoint['path']} is a {found} run; resume it with "
+                                 f"python main.py --algorithm {found} --resume ...")
+            check_same("run's configuration", config_fingerprint(dict(vars(args), algorithm=algorithm_class.name)),
+                       config_fingerprint(checkpoint["config"]), checkpoint["path"])
+        Run(algorithm_class, args, checkpoint, observers).run()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: training diverged at {e}; the last good checkpoint is kept "
+              "(lower --lr, then --resume)", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def refuse_unknown_flags(algorithm_class, unknown):
+    """One line naming a flag this algorithm does not have (and which algorithms do)."""
+    flags = [word.split("=")[0] for word in unknown if word.startswith("--")]
+    if not flags and not unknown:
+        return
+    if not flags:
+        raise UsageError(f"unexpected argument '{unknown[0]}' (flags start with --; see --help)")
+    name = flags[0][2:]
+    owners = [entry.name for entry in registry.ALGORITHMS.values()
+              if any(flag.name == name for flag in entry.load().all_flags())]
+    hint = f" (it is a flag of {', '.join(dict.fromkeys(owners))})" if owners else ""
+    raise UsageError(f"{flags[0]} is not a flag of {algorithm_class.name}{hint}; see --help")

@@ -1,0 +1,98 @@
+"""The one list of algorithms: name, where its class lives, its entry script, the flags that
+make it (FedAvgM is FedAvg with --server_momentum 0.9), and its display name. run.sh,
+sweep.py, tables.py, main.py and the tests read it; an algorithm's own flags (with defaults,
+help and the source of each default) are declared on its class (`Algorithm.flags`).
+
+    python main.py --list                          # the table of algorithms and their flags
+    python3 engine/registry.py --command NAME      # the script and flags that run NAME, one a line
+    python3 engine/registry.py --names             # the names (both without importing torch)
+"""
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str             # what run.sh, sweep.py and main.py --algorithm call it
+    display: str          # what tables print
+    module: str           # the module defining the class
+    cls: str              # the class name
+    script: str           # the entry script (the seed's command lines call it)
+    family: str
+    presets: dict = field(default_factory=dict)   # flags that make this variant, with their source
+    preset_source: str = ""
+
+    def load(self):
+        """The algorithm class (imported on demand)."""
+        return getattr(importlib.import_module(self.module), self.cls)
+
+    def command(self):
+        """[script, flag, value, ...]: what runs this algorithm with its presets."""
+        words = [self.script] + (["--algorithm", self.name] if self.script == "main.py" else [])
+        for flag, value in self.presets.items():
+            words += [f"--{flag}", str(value)]
+        return words
+
+
+# The evaluation protocols of --eval (engine/evaluation.py), named in logs, metrics and tables.
+EVAL_PROTOCOLS = {
+    "global": "the global model on the global test set",
+    "local": "each client's own model on its own test split, total correct / total test samples",
+    "groups": "each model group's global model on the global test set, unweighted mean over groups",
+}
+
+SEED = "the seed's command line (seeds/fedhug-readme.md)"
+
+ALGORITHMS = {entry.name: entry for entry in [
+    Entry("fedavg", "FedAvg", "fedavg", "FedAvg", "fedavg.py", "baselines"),
+    Entry("fedavgm", "FedAvgM", "fedavg", "FedAvg", "fedavg.py", "baselines",
+          {"server_momentum": 0.9}, SEED),
+    Entry("fedprox", "FedProx", "fedprox", "FedProx", "fedprox.py", "baselines"),
+    Entry("moon", "MOON", "moon", "MOON", "moon.py", "baselines"),
+    Entry("scaffold", "SCAFFOLD", "scaffold", "SCAFFOLD", "scaffold.py", "baselines"),
+    Entry("fednova", "FedNova", "fednova", "FedNova", "fednova.py", "baselines"),
+    Entry("fedhug", "FedHUG", "fedhug", "FedHUG", "fedhug.py", "fedhug"),
+]}
+
+
+def get(name):
+    """The entry called `name`; a clear error naming the known ones otherwise."""
+    from utils import UsageError
+    if name not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm '{name}'; choose one of {', '.join(ALGORITHMS)} "
+                         "(python main.py --list)")
+    return ALGORITHMS[name]
+
+
+def describe():
+    """A readable table of every algorithm and its own flags."""
+    lines, shown = [], set()
+    for entry in ALGORITHMS.values():
+        algorithm = entry.load()
+        presets = " ".join(f"--{k} {v}" for k, v in entry.presets.items())
+        lines.append(f"{entry.name:10} {entry.display:10} {entry.family:10} python {entry.script}"
+                     + (f" {presets}   (preset from {entry.preset_source})" if presets else ""))
+        if algorithm in shown:
+            continue
+        shown.add(algorithm)
+        base = algorithm.__mro__[1]
+        if base.__name__ != "Algorithm":
+            lines.append(f"{'':12}(and the flags of {base.__name__})")
+        for flag in vars(algorithm).get("flags", ()):
+            source = f"  [from {flag.source}]" if flag.source else ""
+            lines.append(f"{'':12}--{flag.name} {flag.default!r}: {flag.help}{source}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":      # run as `python3 engine/registry.py ...` by run.sh: no torch needed
+    if len(sys.argv) == 3 and sys.argv[1] == "--command":
+        if sys.argv[2] not in ALGORITHMS:
+            sys.exit(f"error: unknown algorithm '{sys.argv[2]}'; choose one of {', '.join(ALGORITHMS)}")
+        print("\n".join(ALGORITHMS[sys.argv[2]].command()))
+    elif len(sys.argv) == 2 and sys.argv[1] == "--names":
+        print(" ".join(ALGORITHMS))
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        print(describe())
