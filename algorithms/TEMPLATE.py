@@ -19,6 +19,7 @@ class Template(Algorithm):
     name = "template"
     flags = (Flag("mu", float, 0.01, "what mu weighs", "the paper's Table 3 / the reference code's main.py"),)
     keeps_local_model = False     # True: ctx.previous_weights = the client's last trained model
+    broadcast_to_all = False      # True: every client gets the download each round; the unsampled run `receive`
 
     @classmethod
     def check_args(cls, args):
@@ -46,6 +47,9 @@ class Template(Algorithm):
     # ctx.download, ctx.state (persistent, yours), ctx.data (its data: .stream(generator),
     # .class_counts, .num_samples), ctx.generator (all randomness), ctx.global_model.
 
+    def receive(self, ctx):
+        """broadcast_to_all: an unsampled client got ctx.download; update ctx.state. Uploads nothing."""
+
     def prepare_client(self, ctx, model):
         """Before local training (e.g. load a previous model, synthesise data)."""
 
@@ -63,7 +67,8 @@ class Template(Algorithm):
 
     # ------------------------------------------------------------------ evaluation
     def evaluation_model(self, client_id, download, state):
-        """--eval local: the model this client reports on its own test split."""
+        """--eval local: the model this client reports on its own test split, or {series: model}
+        for several series (the first is the headline; e.g. Ditto's personal and global)."""
         return super().evaluation_model(client_id, download, state)
 
 

@@ -137,6 +137,7 @@ class Algorithm:
     name = "algorithm"
     flags = ()                  # Flag(...)s of this class; subclasses add theirs (see all_flags)
     keeps_local_model = False   # True: each client keeps its last trained model (ctx.previous_weights)
+    broadcast_to_all = False    # True: every client receives the download each round; the unsampled run `receive`
 
     def __init__(self, setting):
         self.setting = setting
@@ -237,6 +238,10 @@ class Algorithm:
             ctx.previous_weights = ctx.state.get("local_model", self.setting.initial_weights[ctx.architecture])
         local.load_state_dict(self.compose_weights(ctx.architecture, ctx.download, ctx.state))
         return local
+
+    def receive(self, ctx):
+        """broadcast_to_all: what a client that is not sampled this round does with the download
+        (e.g. FedALA's adaptive local aggregation into its state). It uploads nothing."""
 
     def prepare_client(self, ctx, model):
         """Hook before local training (FedHUG's synthesis, MOON's previous model, ...)."""

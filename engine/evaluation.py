@@ -37,14 +37,23 @@ def evaluate_global(algorithm, server_state, data):
 
 
 def evaluate_local(algorithm, server_state, client_states, data):
-    correct, tested = [], []
+    """evaluation_model may return one model or {series: model} (e.g. Ditto's personal and
+    global models): the first series is the headline accuracy, each other one is recorded
+    as accuracy_<series> beside it."""
+    correct, tested = {}, []
     for k, client in enumerate(data.clients):
-        model = algorithm.evaluation_model(k, algorithm.download(server_state, k), client_states[k])
-        correct.append(count_correct(model, client.test_images, client.test_labels, client.mean, client.std))
+        models = algorithm.evaluation_model(k, algorithm.download(server_state, k), client_states[k])
+        for series, model in (models.items() if isinstance(models, dict) else [("", models)]):
+            correct.setdefault(series, []).append(count_correct(model, client.test_images, client.test_labels,
+                                                                client.mean, client.std))
         tested.append(len(client.test_labels))
-    per_client = [c / n for c, n in zip(correct, tested)]
-    return {"accuracy": sum(correct) / sum(tested), "client_accuracies": per_client,
-            "client_accuracy_std": float(np.std(per_client))}
+    scores = {}
+    for position, (series, counts) in enumerate(correct.items()):
+        suffix = "" if position == 0 else f"_{series}"
+        per_client = [c / n for c, n in zip(counts, tested)]
+        scores.update({f"accuracy{suffix}": sum(counts) / sum(tested), f"client_accuracies{suffix}": per_client,
+                       f"client_accuracy_std{suffix}": float(np.std(per_client))})
+    return scores
 
 
 def evaluate_groups(algorithm, server_state, data):

@@ -8,7 +8,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from engine.algorithm import ClientContext, Setting, clone_weights
+from engine.algorithm import ClientContext, ClientResult, Setting, clone_weights
 from engine.data import load_federated_data
 from models import build_model, client_architectures
 from utils import derived_seed
@@ -45,13 +45,17 @@ def build_client_side(algorithm_class, args, weights, device, dataset=None):
     return algorithm_class(setting), data
 
 
-def run_client(algorithm, data, download, state, client_id, round_index):
+def run_client(algorithm, data, download, state, client_id, round_index, train=True):
     """One client's round: its context (with the generator seeded by (init_seed, round, client)),
-    then algorithm.client_update."""
+    then algorithm.client_update; with train=False (a client that is not sampled but receives
+    the broadcast) algorithm.receive, which uploads nothing."""
     generator = torch.Generator().manual_seed(derived_seed(algorithm.args.init_seed, round_index, client_id))
     ctx = ClientContext(client_id, round_index, download, dict(state), data.clients[client_id], generator,
                         algorithm.architecture(client_id))
-    return algorithm.client_update(ctx)
+    if train:
+        return algorithm.client_update(ctx)
+    algorithm.receive(ctx)
+    return ClientResult(client_id, ctx.data.num_samples, {}, ctx.state, {}, ctx.log_lines)
 
 
 class SerialExecutor:
@@ -61,10 +65,10 @@ class SerialExecutor:
         self.algorithm, self.data = algorithm, data
 
     def run_clients(self, tasks, round_index, progress=False):
-        """tasks: [(client_id, download, state)] -> [ClientResult] in the same order."""
-        return [run_client(self.algorithm, self.data, download, state, client_id, round_index)
-                for client_id, download, state in tqdm(tasks, desc=f"round {round_index} clients", leave=False,
-                                                       disable=not progress, file=sys.stderr)]
+        """tasks: [(client_id, download, state[, train])] -> [ClientResult] in the same order."""
+        return [run_client(self.algorithm, self.data, download, state, client_id, round_index, *train)
+                for client_id, download, state, *train in tqdm(tasks, desc=f"round {round_index} clients",
+                                                               leave=False, disable=not progress, file=sys.stderr)]
 
     def close(self):
         pass

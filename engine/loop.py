@@ -176,18 +176,23 @@ class Run:
         sampled = sample_clients(a.init_seed, round_index, a.n_parties, a.sample_fraction)
         server = ServerContext(round_index, torch.Generator().manual_seed(
             derived_seed(a.init_seed, round_index, "server")), self.device)
-        downloads = {k: algorithm.download(self.server_state, k) for k in sampled}
-        for k in sampled:
+        receivers = range(a.n_parties) if algorithm.broadcast_to_all else sampled
+        downloads = {k: algorithm.download(self.server_state, k) for k in receivers}
+        for k in receivers:
             for observer in self.observers:
                 observer.on_download(round_index, k, downloads[k], self.server_state)
-        results = self.executor.run_clients([(k, downloads[k], self.client_states[k]) for k in sampled],
-                                            round_index, progress=show)
-        for result in results:
-            self.client_states[result.client_id] = result.state
-            if a.keep_client_models and "weights" in result.upload:
-                self.kept_models[result.client_id] = result.upload["weights"]
+        is_sampled = set(sampled)
+        tasks = [(k, downloads[k], self.client_states[k], k in is_sampled) for k in receivers]
+        results = []
+        for result, (k, *_, train) in zip(self.executor.run_clients(tasks, round_index, progress=show), tasks):
+            self.client_states[k] = result.state
             for line in result.log_lines:
                 self.dir.log(line)
+            if train:
+                results.append(result)
+        for result in results:
+            if a.keep_client_models and "weights" in result.upload:
+                self.kept_models[result.client_id] = result.upload["weights"]
             for observer in self.observers:
                 observer.on_upload(round_index, result.client_id, downloads[result.client_id], result)
         self.server_state = algorithm.server_update(self.server_state, results, server)

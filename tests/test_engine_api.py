@@ -326,3 +326,22 @@ def test_a_bad_warm_start_writes_nothing(tmp_path):
     result = run_script("fedavg.py", "--load_path", tmp_path / "notes.pt", logdir=tmp_path, name="warm")
     assert result.returncode == 2 and "cannot be read" in result.stderr
     assert not (tmp_path / "warm").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_broadcast_reaches_every_client_and_local_evaluation_reports_two_series(tmp_path, workers):
+    recorder = Recorder()
+    records, ckpt = run_in_process(tiny_algorithms.Broadcast, tmp_path, "--comm_round", "2", "--sample_fraction",
+                                   "0.5", "--num_local_iterations", "30", "--eval", "local", "--workers", workers,
+                                   observers=[recorder])
+    for record in records:
+        round_downloads = [k for r, k, _ in recorder.downloads if r == record["round"]]
+        round_uploads = [k for r, k, _ in recorder.uploads if r == record["round"]]
+        assert round_downloads == [0, 1, 2, 3] and round_uploads == record["clients"] and len(round_uploads) == 2
+        assert len(record["bytes_downloaded_per_client"]) == 4 and len(record["bytes_uploaded_per_client"]) == 2
+    last = records[-1]
+    for k in range(4):       # the unsampled clients of the last round ran `receive` with its download
+        if k not in last["clients"]:
+            assert ckpt["client_states"][k]["received"].item() == last["round"]
+    assert set(last) >= {"accuracy", "accuracy_initial", "client_accuracies_initial"}
+    assert last["accuracy"] != last["accuracy_initial"]

@@ -66,6 +66,22 @@ class PartialUpload(Algorithm):
         ctx.state["local_model"] = only(clone_weights(model.state_dict()), "classifier.")
 
 
+class Broadcast(PartialUpload):
+    """PartialUpload whose download reaches every client each round (broadcast_to_all): a client
+    that is not sampled records the round it received; --eval local reports two series, the
+    personal model and the run's initial model."""
+    name = "broadcast"
+    broadcast_to_all = True
+
+    def receive(self, ctx):
+        ctx.state["received"] = torch.tensor(ctx.round)
+
+    def evaluation_model(self, client_id, download, state):
+        architecture = self.architecture(client_id)
+        return {"personal": super().evaluation_model(client_id, download, state),
+                "initial": self.frozen_model("initial", architecture, self.setting.initial_weights[architecture])}
+
+
 # ----------------------------------------------------------------------------- no weights at all
 
 class NearestPrototype(nn.Module):
