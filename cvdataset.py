@@ -12,11 +12,13 @@ Run as a script to inspect a partition without training:
 """
 import gzip
 import json
+import math
 import os
 import pickle
 import random
 import re
 import sys
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +27,8 @@ import torch
 from utils import UsageError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+# Dirichlet partition: draws tried before giving up on --min_require_size (see partition_dirichlet)
+MAX_PARTITION_ATTEMPTS = 1000
 
 NORMALISATION = {
     "fashionmnist": ((0.5,), (0.5,)),
@@ -53,19 +57,37 @@ class Dataset:
 
 # ----------------------------------------------------------------------------- file formats
 
+def _why(error):
+    """An exception as a short one-line reason."""
+    kind = type(error).__name__
+    if kind == "error":                         # zlib.error, struct.error, ...
+        kind = f"{type(error).__module__}.error"
+    text = " ".join(str(error).split())
+    return f"{kind}: {text}" if text else kind
+
+
 def read_idx(path):
     """Read an IDX file (optionally gzipped): magic 0x00000801 labels, 0x00000803 images."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as f:
+        f = opener(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or _why(e)}")
+    try:
+        with f:
             raw = f.read()
-    except (OSError, EOFError) as e:
-        raise UsageError(f"cannot read {path}: {e} (re-download or reinstall the data)")
-    if len(raw) < 8 or raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] not in (1, 3):
-        raise UsageError(f"{path} is not an IDX file (bad magic number); re-download it")
+    except (OSError, EOFError, zlib.error) as e:       # gzip: truncated stream, bad CRC or header
+        raise UsageError(f"{path} is corrupt or truncated ({_why(e)}); re-download it")
+    if len(raw) < 4:
+        raise UsageError(f"{path} is corrupt or truncated ({len(raw)} bytes, no IDX header); re-download it")
+    if raw[0:2] != b"\x00\x00" or raw[2] != 0x08 or raw[3] not in (1, 3):
+        raise UsageError(f"{path} is corrupt: not an IDX file (bad magic number); re-download it")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UsageError(f"{path} is truncated or corrupt ({len(raw)} bytes, shorter than its "
+                         f"{header}-byte header); re-download it")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
         raise UsageError(f"{path} is truncated or corrupt ({len(raw) - header} bytes of data, "
@@ -73,12 +95,14 @@ def read_idx(path):
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+FASHION_MNIST_STEMS = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+                       "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
 def find_fashion_mnist_files(folder):
     """The four IDX files in `folder`, gzipped or not, or None if any is missing."""
-    stems = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
-             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
     found = {}
-    for key, stem in stems.items():
+    for key, stem in FASHION_MNIST_STEMS.items():
         for name in (stem, stem + ".gz"):
             if os.path.isfile(os.path.join(folder, name)):
                 found[key] = os.path.join(folder, name)
@@ -90,44 +114,75 @@ def find_fashion_mnist_files(folder):
 
 def load_fashion_mnist_files(files):
     arrays = {k: read_idx(p) for k, p in files.items()}
+    for key, array in arrays.items():
+        wanted = 3 if key.endswith("images") else 1
+        if array.ndim != wanted:
+            raise UsageError(f"{files[key]} is corrupt: it holds a {array.ndim}-d array, not the "
+                             f"{wanted}-d array of {key.replace('_', ' ')}; re-download it")
     for split in ("train", "test"):
         if arrays[f"{split}_images"].shape[0] != arrays[f"{split}_labels"].shape[0]:
             raise UsageError(f"{files[split + '_images']}: image and label counts differ; re-download the data")
+        labels = arrays[f"{split}_labels"]
+        if labels.size and labels.max() >= NUM_CLASSES["fashionmnist"]:
+            raise UsageError(f"{files[split + '_labels']} is corrupt: label {labels.max()} is outside 0..9; "
+                             "re-download it")
     return {k: torch.from_numpy(v.copy()) for k, v in arrays.items()}
 
 
 def unpickle(path):
+    """One CIFAR batch file (a pickled dict); a file that cannot be unpickled is corrupt."""
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
-        raise UsageError(f"cannot read CIFAR batch {path}: {e} (re-download the data)")
+        f = open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read CIFAR batch {path}: {e.strerror or _why(e)}")
+    with f:
+        try:
+            batch = pickle.load(f, encoding="bytes")
+        except Exception as e:      # a damaged pickle can fail in any way (EOFError, TypeError, ...)
+            raise UsageError(f"CIFAR batch {path} is corrupt or truncated ({_why(e)}); re-download the data")
+    if not isinstance(batch, dict):
+        raise UsageError(f"CIFAR batch {path} is corrupt (it holds a {type(batch).__name__}, not a dict); "
+                         "re-download the data")
+    return batch
 
 
-def cifar_arrays(batches, label_key):
-    """Concatenate torchvision-format CIFAR pickles: b'data' (N, 3072) uint8, labels list."""
+def cifar_arrays(paths, label_key, num_classes):
+    """Read and concatenate torchvision-format CIFAR pickles: b'data' (N, 3072) uint8, labels list."""
     images, labels = [], []
-    for batch in batches:
+    for path in paths:
+        batch = unpickle(path)
         data = batch.get(b"data", batch.get("data"))
         label = batch.get(label_key, batch.get(label_key.decode()))
         if data is None or label is None:
-            raise UsageError(f"CIFAR batch lacks 'data' or '{label_key.decode()}'; re-download the data")
-        images.append(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(label, dtype=np.int64))
+            raise UsageError(f"CIFAR batch {path} is corrupt: it lacks 'data' or '{label_key.decode()}'; "
+                             "re-download the data")
+        try:
+            data = np.asarray(data, dtype=np.uint8)
+            label = np.asarray(label, dtype=np.int64)
+        except (TypeError, ValueError, OverflowError) as e:
+            raise UsageError(f"CIFAR batch {path} is corrupt ({_why(e)}); re-download the data")
+        if data.size % 3072 or label.ndim != 1 or data.size // 3072 != label.size:
+            raise UsageError(f"CIFAR batch {path} is corrupt: {data.size} bytes of image data (3072 an "
+                             f"image) do not match its {label.size} labels; re-download the data")
+        if label.size and (label.min() < 0 or label.max() >= num_classes):
+            raise UsageError(f"CIFAR batch {path} is corrupt: labels outside 0..{num_classes - 1}; "
+                             "re-download the data")
+        images.append(data.reshape(-1, 3, 32, 32))
+        labels.append(label)
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
 
 
-def load_cifar_folder(name, folder):
+def cifar_files(name):
+    """(train files, test files, label key) of torchvision's CIFAR folder."""
     if name == "cifar10":
-        train = [unpickle(os.path.join(folder, f"data_batch_{i}")) for i in range(1, 6)]
-        test = [unpickle(os.path.join(folder, "test_batch"))]
-        key = b"labels"
-    else:
-        train = [unpickle(os.path.join(folder, "train"))]
-        test = [unpickle(os.path.join(folder, "test"))]
-        key = b"fine_labels"
-    train_images, train_labels = cifar_arrays(train, key)
-    test_images, test_labels = cifar_arrays(test, key)
+        return [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], b"labels"
+    return ["train"], ["test"], b"fine_labels"
+
+
+def load_cifar_folder(name, folder):
+    train, test, key = cifar_files(name)
+    train_images, train_labels = cifar_arrays([os.path.join(folder, f) for f in train], key, NUM_CLASSES[name])
+    test_images, test_labels = cifar_arrays([os.path.join(folder, f) for f in test], key, NUM_CLASSES[name])
     return dict(train_images=train_images, train_labels=train_labels,
                 test_images=test_images, test_labels=test_labels)
 
@@ -140,6 +195,20 @@ def candidate_folders(name, datadir):
         return [os.path.join(datadir, "FashionMNIST", "raw"), datadir, DEBIAN_FASHION_MNIST]
     sub = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
     return [os.path.join(datadir, sub)]
+
+
+def data_files(name):
+    """The names of the files a folder must hold for `name` (IDX files may also be gzipped)."""
+    if name == "fashionmnist":
+        return list(FASHION_MNIST_STEMS.values())
+    train, test, _ = cifar_files(name)
+    return train + test
+
+
+def missing_files(name, folder):
+    """The data files `folder` lacks."""
+    suffixes = ("", ".gz") if name == "fashionmnist" else ("",)
+    return [f for f in data_files(name) if not any(os.path.isfile(os.path.join(folder, f + s)) for s in suffixes)]
 
 
 def try_download(name, datadir):
@@ -157,24 +226,28 @@ def try_download(name, datadir):
 
 
 def find_arrays(name, datadir, allow_download=True):
+    """The arrays from the first folder holding every file; a file there that is corrupt is an
+    error naming it (no fall-through to the next place)."""
     for folder in candidate_folders(name, datadir):
         if name == "fashionmnist":
             files = find_fashion_mnist_files(folder)
             if files:
                 return load_fashion_mnist_files(files)
-        else:
-            needed = ["data_batch_1", "test_batch"] if name == "cifar10" else ["train", "test"]
-            if all(os.path.isfile(os.path.join(folder, f)) for f in needed):
-                return load_cifar_folder(name, folder)
+        elif not missing_files(name, folder):
+            return load_cifar_folder(name, folder)
     if allow_download and os.environ.get("FEDSUITE_NO_DOWNLOAD") != "1":
         arrays = try_download(name, datadir)
         if arrays:
             return arrays
-    places = ", ".join(candidate_folders(name, datadir))
+    places = []
+    for folder in candidate_folders(name, datadir):
+        lacking = missing_files(name, folder) if os.path.isdir(folder) else []
+        partial = 0 < len(lacking) < len(data_files(name))
+        places.append(f"{folder} (lacks {', '.join(lacking)})" if partial else folder)
     hint = ("install it with 'sudo apt-get install dataset-fashion-mnist' or put the IDX files in --datadir"
             if name == "fashionmnist" else
             f"put torchvision's {'cifar-10-batches-py' if name == 'cifar10' else 'cifar-100-python'} folder in --datadir")
-    raise UsageError(f"{name} not found (looked in {places}; download failed or offline): {hint}")
+    raise UsageError(f"{name} not found (looked in {', '.join(places)}; download failed or offline): {hint}")
 
 
 def load_dataset(name, datadir="./data/"):
@@ -187,9 +260,11 @@ def load_dataset(name, datadir="./data/"):
     mean, std = NORMALISATION[name]
     data = Dataset(name, images["train_images"], labels["train_labels"], images["test_images"],
                    labels["test_labels"], NUM_CLASSES[name], mean, std)
-    bad = int(((data.train_labels < 0) | (data.train_labels >= data.num_classes)).sum())
-    if bad:
-        raise UsageError(f"{name}: {bad} training labels are outside 0..{data.num_classes - 1}; the data is corrupt")
+    for split, split_labels in (("training", data.train_labels), ("test", data.test_labels)):
+        bad = int(((split_labels < 0) | (split_labels >= data.num_classes)).sum())
+        if bad:
+            raise UsageError(f"{name}: {bad} {split} labels are outside 0..{data.num_classes - 1}; "
+                             "the data is corrupt")
     return data
 
 
@@ -263,22 +338,50 @@ def partition_iid(n_samples, n_parties):
     return [part.tolist() for part in np.array_split(np.random.permutation(n_samples), n_parties)]
 
 
+def _piece_sizes(length, cuts):
+    """len() of each piece np.split(array of `length`, cuts) gives, without splitting."""
+    if cuts.size == 0 or (cuts[0] >= 0 and cuts[-1] <= length and np.all(cuts[1:] >= cuts[:-1])):
+        return np.diff(np.concatenate(([0], cuts, [length])))
+    return np.array([len(piece) for piece in np.split(np.arange(length), cuts)])   # NaN draws
+
+
 def partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size=10):
-    """Dirichlet label skew (NIID-Bench `noniid-labeldir`); see SPEC section 2."""
+    """Dirichlet label skew (NIID-Bench `noniid-labeldir`); see SPEC section 2.
+
+    The whole draw is repeated until every client holds at least `min_require_size` samples, at
+    most MAX_PARTITION_ATTEMPTS times (then UsageError). Each attempt makes the same RNG draws,
+    in the same order, as the unbounded NIID-Bench loop; only the client sizes are tracked while
+    drawing, and the index lists are built once, from the accepted attempt."""
+    if not 0 < beta < math.inf:
+        raise UsageError(f"--beta must be a finite number > 0 (got {beta})")
     n = labels.shape[0]
-    min_size = 0
-    while min_size < min_require_size:
-        idx_batch = [[] for _ in range(n_parties)]
-        for k in range(num_classes):
-            idx_k = np.where(labels == k)[0]
-            np.random.shuffle(idx_k)
-            proportions = np.random.dirichlet(np.repeat(beta, n_parties))
-            proportions = np.array([p * (len(idx_j) < n / n_parties)
-                                    for p, idx_j in zip(proportions, idx_batch)])
-            proportions = proportions / proportions.sum()
-            cuts = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
-            idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, cuts))]
-            min_size = min(len(idx_j) for idx_j in idx_batch)
+    class_indices = [np.where(labels == k)[0] for k in range(num_classes)]
+    best = 0
+    with np.errstate(divide="ignore", invalid="ignore"):      # NaN proportions: see _piece_sizes
+        for _ in range(MAX_PARTITION_ATTEMPTS):
+            sizes = np.zeros(n_parties, dtype=np.int64)
+            draws = []
+            for k in range(num_classes):
+                idx_k = class_indices[k].copy()
+                np.random.shuffle(idx_k)
+                proportions = np.random.dirichlet(np.repeat(beta, n_parties))
+                proportions = proportions * (sizes < n / n_parties)
+                proportions = proportions / proportions.sum()
+                cuts = (np.cumsum(proportions) * len(idx_k)).astype(int)[:-1]
+                sizes += _piece_sizes(len(idx_k), cuts)
+                draws.append((idx_k, cuts))
+            min_size = int(sizes.min())
+            if min_size >= min_require_size:
+                break
+            best = max(best, min_size)
+        else:
+            raise UsageError(
+                f"--partition noniid: in {MAX_PARTITION_ATTEMPTS} Dirichlet draws (--beta {beta}, --n_parties "
+                f"{n_parties}) the smallest client never reached --min_require_size {min_require_size} samples "
+                f"(at best {best}); use a larger --beta, fewer --n_parties or a lower --min_require_size")
+    idx_batch = [[] for _ in range(n_parties)]
+    for idx_k, cuts in draws:
+        idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, cuts))]
     for j in range(n_parties):
         np.random.shuffle(idx_batch[j])
     return idx_batch
@@ -309,7 +412,7 @@ def partition_skew(labels, n_parties, num_classes, classes_per_client):
     return parts
 
 
-def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2):
+def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2, min_require_size=10):
     """Client index lists for `partition`; labels is a numpy int array. Uses the global RNGs."""
     labels = np.asarray(labels)
     if n_parties > len(labels):
@@ -317,10 +420,10 @@ def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2
     if partition in ("iid", "homo"):
         parts = partition_iid(len(labels), n_parties)
     elif partition == "noniid":
-        if n_parties * 10 > len(labels):
-            raise UsageError(f"--n_parties {n_parties}: the Dirichlet partition needs at least 10 "
+        if n_parties * min_require_size > len(labels):
+            raise UsageError(f"--n_parties {n_parties}: the Dirichlet partition needs at least {min_require_size} "
                              f"samples a client and there are {len(labels)}; use fewer clients")
-        parts = partition_dirichlet(labels, n_parties, beta, num_classes)
+        parts = partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size)
     elif re.fullmatch(r"noniid-skew(-\d+)?", partition):
         k = int(partition.rsplit("-", 1)[1]) if partition.count("-") == 2 else skew_class
         parts = partition_skew(labels, n_parties, num_classes, k)
@@ -356,21 +459,25 @@ def main(argv=None):
     p.add_argument("--partition", default="noniid")
     p.add_argument("--beta", type=float, default=0.5)
     p.add_argument("--skew_class", type=int, default=2)
+    p.add_argument("--min_require_size", type=int, default=10,
+                   help="--partition noniid: redraw until every client has at least this many samples")
     p.add_argument("--n_parties", type=int, default=10)
     p.add_argument("--init_seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print {client_sizes, class_counts} as JSON")
     args = p.parse_args(argv)
     try:
-        if not args.beta > 0:
-            raise UsageError(f"--beta must be > 0 (got {args.beta})")
+        if not 0 < args.beta < math.inf:
+            raise UsageError(f"--beta must be a finite number > 0 (got {args.beta})")
         if args.n_parties < 1:
             raise UsageError(f"--n_parties must be at least 1 (got {args.n_parties})")
+        if args.min_require_size < 0:
+            raise UsageError(f"--min_require_size must be >= 0 (got {args.min_require_size})")
         setup_seed(args.init_seed)
         data = load_dataset(args.dataset, args.datadir)
         parts = partition_data(data.train_labels.numpy(), args.partition, args.n_parties,
-                               args.beta, data.num_classes, args.skew_class)
+                               args.beta, data.num_classes, args.skew_class, args.min_require_size)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 2
     counts = class_counts(data.train_labels.numpy(), parts, data.num_classes)
     if args.json:

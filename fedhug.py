@@ -119,7 +119,7 @@ class FedHUG(FedAvg):
         if ctx.round < a.start_round:
             return super().local_loss(model, x, y, ctx)
         distillation = ctx.distillation
-        if a.double_gen and ctx.step == a.num_local_iterations // 2:
+        if a.double_gen and ctx.step == self.local_steps(ctx) // 2:
             distillation.batches = self.synthesize(ctx, distillation.targets, student=model)
         syn_x, teacher_logits = distillation.batches.next()
         kd = F.kl_div(F.log_softmax(model(syn_x) / a.T, dim=1), F.softmax(teacher_logits / a.T, dim=1),

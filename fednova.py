@@ -1,4 +1,6 @@
-"""FedNova (Wang et al. 2020): FedAvg with each client's update normalised by its local steps.
+"""FedNova (Wang et al. 2020): FedAvg with each client's update normalised by its local steps,
+as NIID-Bench implements it (github.com/Xtra-Computing/NIID-Bench, experiments.py:
+train_net_fednova and the `fednova` branch of the main loop).
 
 A client running tau SGD steps with momentum rho has the normalising factor
 
@@ -8,8 +10,10 @@ and the normalised update d_i = (w_global - w_i) / a_i. With p_i = n_i / sum_sam
 
     w_global <- w_global - (sum_i p_i a_i) * sum_i p_i d_i
 
-over the trainable parameters; other state-dict entries (buffers) are averaged as in FedAvg.
-With equal tau for every client and rho = 0 this is exactly FedAvg.
+over the trainable parameters; other state-dict entries (buffers) are averaged as in FedAvg
+(NIID-Bench applies the update to every entry). tau is the steps the client took
+(r.metrics["steps"]: --num_local_iterations, or E * ceil(n_i / batch_size) with --epochs E).
+With equal tau for every client (any rho) all a_i are equal and this is exactly FedAvg.
 
     python -u fednova.py --dataset fashionmnist --partition noniid --beta 0.1 --comm_round 70
 """

@@ -1,19 +1,20 @@
-"""SCAFFOLD (Karimireddy et al. 2020, option II): control variates correct the client drift.
+"""SCAFFOLD (Karimireddy et al. 2020, option II) as NIID-Bench implements it (Li et al. 2022,
+github.com/Xtra-Computing/NIID-Bench, experiments.py: train_net_scaffold,
+local_train_net_scaffold and the `scaffold` branch of the main loop).
 
 The server keeps a control variate c, each client its own c_i (zeros before its first round),
-both over the trainable parameters only. With K local steps of learning rate lr, momentum rho:
+both over the trainable parameters. With the client's optimiser (--optimizer, --momentum, --reg
+as for every algorithm) and learning rate lr:
 
-    every local step:  g <- g + (c - c_i)
-    after training:    c_i+ = c_i - c + (w_global - w_local) / (a * lr)
-                       a = K for plain SGD (the paper's option II), and with momentum
-                       a = (K - rho (1 - rho^K) / (1 - rho)) / (1 - rho)  (FedNova's factor)
+    after every local optimiser step:  w <- w - lr * (c - c_i)      (the weights, not the gradient)
+    after training:    c_i+ = c_i - c + (w_global - w_local) / (K * lr),  K = the steps taken
     upload:            w_local and delta_c_i = c_i+ - c_i
     server:            w_global = sum_i (n_i / n) w_i    (as FedAvg)
-                       c <- c + (|sampled| / n_parties) * mean over sampled of delta_c_i
+                       c <- c + sum over sampled of delta_c_i / n_parties
 
-Why a rather than K: K momentum steps move the weights by about lr * a * (mean gradient), so
-dividing by K * lr overestimates c_i by up to 1 / (1 - rho), 10x at this suite's default
-momentum 0.9, and training then diverges within three rounds.
+The correction is added to the weights outside the optimiser, so momentum never amplifies it,
+and (w_global - w_local) / (K lr) is the mean displacement per step that c_i stands for: the
+option II estimate stays consistent with any momentum, without a momentum factor.
 
     python -u scaffold.py --dataset fashionmnist --partition noniid --beta 0.1 --comm_round 70
 """
@@ -23,7 +24,6 @@ import torch
 
 from engine import main
 from fedavg import FedAvg
-from fednova import normalising_factor
 
 
 class SCAFFOLD(FedAvg):
@@ -47,21 +47,24 @@ class SCAFFOLD(FedAvg):
         return {name: torch.zeros_like(c) for name, c in ctx.download["control"].items()}
 
     def prepare_client(self, ctx, model):
+        """The weight correction lr * (c - c_i) of every step, and the step count K = 0."""
         server_control, client_control = ctx.download["control"], self.client_control(ctx)
-        self.gradient_correction = {name: server_control[name] - client_control[name]
-                                    for name in server_control}
+        self.weight_correction = {name: self.args.lr * (server_control[name] - client_control[name])
+                                  for name in server_control}
+        self.steps_taken = 0
 
-    def before_optimizer_step(self, model, ctx):
-        """g <- g + (c - c_i)."""
-        for name, p in model.named_parameters():
-            if name in self.gradient_correction:
-                p.grad.add_(self.gradient_correction[name])
+    def after_optimizer_step(self, model, ctx):
+        """w <- w - lr * (c - c_i); counts the step."""
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name in self.weight_correction:
+                    p.sub_(self.weight_correction[name])
+        self.steps_taken += 1
 
     def upload(self, ctx, model):
-        """The weights and delta_c_i; the client keeps c_i+ = c_i - c + (w_global - w_local) / (a lr)."""
+        """The weights and delta_c_i; the client keeps c_i+ = c_i - c + (w_global - w_local) / (K lr)."""
         server_control, client_control = ctx.download["control"], self.client_control(ctx)
-        momentum = self.args.momentum if self.args.optimizer == "sgd" else 0.0
-        distance_per_gradient = normalising_factor(self.args.num_local_iterations, momentum) * self.args.lr
+        distance_per_gradient = self.steps_taken * self.args.lr
         local = dict(model.named_parameters())
         new_control = {name: client_control[name] - server_control[name]
                        + (ctx.download["weights"][name] - local[name].detach()) / distance_per_gradient
@@ -73,7 +76,7 @@ class SCAFFOLD(FedAvg):
 
     # ------------------------------------------------------------------ server side
     def server_update(self, server_state, results, server):
-        """FedAvg's average of the models; c <- c + (1 / n_parties) * sum over sampled of delta_c_i."""
+        """FedAvg's average of the models; c <- c + sum over sampled of delta_c_i / n_parties."""
         server_state["control"] = {
             name: c + sum(r.upload["control_delta"][name] for r in results) / self.args.n_parties
             for name, c in server_state["control"].items()}

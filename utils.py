@@ -7,6 +7,7 @@ the entry point turns into one line on stderr and exit status 2.
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -47,12 +48,17 @@ def build_parser(description, algorithm_flags=()):
       help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client)")
     a("--beta", type=float, default=0.5, help="Dirichlet concentration for --partition noniid")
     a("--skew_class", type=int, default=2, help="K for --partition noniid-skew")
+    a("--min_require_size", type=int, default=10,
+      help="--partition noniid: redraw until every client has at least this many samples (NIID-Bench's 10)")
     a("--n_parties", type=int, default=10, help="number of clients")
     a("--init_seed", type=int, default=0, help="seeds torch, numpy, random and the partition")
     # --- model and local training
     a("--model", default=None, help="the global model's architecture, e.g. simplecnn, simplecnn-mnist "
       "(default: the one that fits --dataset; models.py lists them all)")
-    a("--num_local_iterations", type=int, default=100, help="local SGD steps a round")
+    a("--num_local_iterations", type=int, default=100, help="local SGD steps a round (unless --epochs)")
+    a("--epochs", type=int, default=0,
+      help="local epochs a round: each client runs E passes over its own data, so clients with more data "
+           "take more steps (NIID-Bench); 0: --num_local_iterations steps")
     a("--batch_size", type=int, default=64)
     a("--lr", type=float, default=0.01, help="client learning rate")
     a("--reg", type=float, default=1e-5, help="weight decay")
@@ -141,6 +147,9 @@ def load_yaml_config(parser, path):
 
 def validate_args(args):
     """Check flags that argparse cannot, raising one UsageError naming the flag and the fix."""
+    for name, value in vars(args).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number (got {value})")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
     from models import resolve_models
@@ -166,6 +175,10 @@ def validate_args(args):
         raise UsageError(f"unknown --eval '{args.eval}'; choose one of {', '.join(EVAL_PROTOCOLS)}")
     if not (0 < args.train_ratio < 1):
         raise UsageError(f"--train_ratio must be in (0, 1) (got {args.train_ratio})")
+    if args.epochs < 0:
+        raise UsageError(f"--epochs must be >= 0 (got {args.epochs}; 0 means --num_local_iterations steps)")
+    if args.min_require_size < 0:
+        raise UsageError(f"--min_require_size must be >= 0 (got {args.min_require_size})")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint_every must be >= 0 (got {args.checkpoint_every})")
     if args.workers < 1:

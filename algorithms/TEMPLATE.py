@@ -57,6 +57,12 @@ class Template(Algorithm):
         """The loss of one local step."""
         return F.cross_entropy(model(x), y)
 
+    def before_optimizer_step(self, model, ctx):
+        """Between backward and each optimiser step (e.g. correct or clip the gradients)."""
+
+    def after_optimizer_step(self, model, ctx):
+        """Right after each optimiser step (e.g. correct the weights, as SCAFFOLD does)."""
+
     def upload(self, ctx, model):
         """What the client sends (counted in bytes_uploaded): any named tensors."""
         return {"weights": clone_weights(model.state_dict())}

@@ -19,7 +19,7 @@ the generators the engine passes in, seeded by (init_seed, round, client) and
 (init_seed, round, "server"), so nothing else needs saving and a resumed run repeats exactly.
 
 The defaults below are FedAvg's (McMahan et al. 2017): download the global weights, run
-`num_local_iterations` SGD steps of `local_loss` (CE), upload the weights, average them
+`num_local_iterations` SGD steps (or `--epochs` passes) of `local_loss` (CE), upload the weights, average them
 weighted by sample counts. An algorithm overrides only what differs; see
 algorithms/TEMPLATE.py for a file to start from.
 """
@@ -131,7 +131,8 @@ class Algorithm:
     """The base every algorithm extends; its defaults are FedAvg's.
 
     Client: model = the client's architecture loaded with (its kept weights, overwritten by the
-    downloaded weights); `num_local_iterations` steps of SGD on `local_loss`; upload the weights.
+    downloaded weights); `local_steps` (--num_local_iterations or --epochs) steps of SGD on
+    `local_loss`; upload the weights.
     Server: w = sum_k (n_k / n) w_k over the uploads (per entry, over the clients that sent it).
     """
     name = "algorithm"
@@ -213,10 +214,17 @@ class Algorithm:
         """One client's round: a pure function of its context."""
         model = self.client_model(ctx)
         self.prepare_client(ctx, model)
-        metrics = self.train(ctx, model, model.parameters(), self.args.num_local_iterations)
+        metrics = self.train(ctx, model, model.parameters(), self.local_steps(ctx))
         upload = self.upload(ctx, model)
         self.finish_client(ctx, model)
         return ClientResult(ctx.client_id, ctx.data.num_samples, upload, ctx.state, metrics, ctx.log_lines)
+
+    def local_steps(self, ctx):
+        """Optimiser steps of a client's round: --num_local_iterations, or with --epochs E,
+        E passes over its data, E * ceil(n_k / batch_size) (the last batch of a pass smaller)."""
+        if self.args.epochs:
+            return self.args.epochs * math.ceil(ctx.data.num_samples / self.args.batch_size)
+        return self.args.num_local_iterations
 
     def compose_weights(self, architecture, download, state):
         """A client's model weights: its architecture's initial weights, overwritten by the
@@ -251,7 +259,10 @@ class Algorithm:
         return F.cross_entropy(model(x), y)
 
     def before_optimizer_step(self, model, ctx):
-        """Hook between backward and the optimiser step (SCAFFOLD's gradient correction)."""
+        """Hook between backward and the optimiser step (e.g. a gradient correction or clipping)."""
+
+    def after_optimizer_step(self, model, ctx):
+        """Hook right after each optimiser step (SCAFFOLD's weight correction)."""
 
     def train(self, ctx, model, parameters, steps, loss=None, optimizer=None):
         """The one local training loop: `steps` optimiser steps of `loss` (default local_loss) on
@@ -270,6 +281,7 @@ class Algorithm:
             value.backward()
             self.before_optimizer_step(model, ctx)
             optimizer.step()
+            self.after_optimizer_step(model, ctx)
             loss_sum += value.detach()          # summed on the device: no sync per step on a GPU
         mean_loss = loss_sum.item() / steps
         if not math.isfinite(mean_loss):

@@ -78,7 +78,7 @@ def load_federated_data(args, device, dataset=None):
         images = torch.cat([dataset.train_images, dataset.test_images])
         labels = torch.cat([dataset.train_labels, dataset.test_labels])
     client_indices = cvdataset.partition_data(labels.numpy(), args.partition, args.n_parties, args.beta,
-                                              dataset.num_classes, args.skew_class)
+                                              dataset.num_classes, args.skew_class, args.min_require_size)
     test_parts = [None] * len(client_indices)
     if args.eval == "local":
         splits = [split_train_test(len(idx), args.train_ratio) for idx in client_indices]

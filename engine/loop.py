@@ -66,9 +66,11 @@ def read_warm_start(args):
         if isinstance(obj, dict) and "server_state" not in obj and "format" not in obj and "config" not in obj:
             return {"weights": obj, "checkpoint": None}
     ckpt = load_checkpoint(path)
-    keys = ("dataset", "model", "partition", "beta", "n_parties", "init_seed", "skew_class", "eval", "train_ratio")
+    keys = ("dataset", "model", "partition", "beta", "n_parties", "init_seed", "skew_class", "min_require_size",
+            "eval", "train_ratio")
+    defaults = build_parser("defaults")     # a flag added after that run was made counts at its default
     check_same("run's data and partition", {k: getattr(args, k) for k in keys},
-               {k: ckpt["config"].get(k) for k in keys}, ckpt["path"])
+               {k: ckpt["config"].get(k, defaults.get_default(k)) for k in keys}, ckpt["path"])
     if "weights" not in ckpt["server_state"]:
         raise UsageError(f"--load_path {ckpt['path']}: that run has no global model to start from")
     return {"weights": ckpt["server_state"]["weights"], "checkpoint": ckpt}
@@ -265,8 +267,10 @@ def main(algorithm_class, argv=None, observers=()):
                 found = checkpoint["config"].get("algorithm")
                 raise UsageError(f"checkpoint {checkpoint['path']} is a {found} run; resume it with "
                                  f"python main.py --algorithm {found} --resume ...")
-            check_same("run's configuration", config_fingerprint(dict(vars(args), algorithm=algorithm_class.name)),
-                       config_fingerprint(checkpoint["config"]), checkpoint["path"])
+            saved = config_fingerprint(checkpoint["config"])
+            here = {k: v for k, v in config_fingerprint(dict(vars(args), algorithm=algorithm_class.name)).items()
+                    if k in saved or v != parser.get_default(k)}     # flags added since, at their defaults
+            check_same("run's configuration", here, saved, checkpoint["path"])
         Run(algorithm_class, args, checkpoint, observers).run()
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
