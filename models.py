@@ -85,6 +85,8 @@ def client_architectures(spec, default, n_parties):
     if not spec:
         return [default] * n_parties
     names = MODEL_GROUPS.get(spec) or [name.strip() for name in spec.split(",") if name.strip()]
+    if not names:
+        raise UsageError(f"--client_models '{spec}' names no model; give A,B,... or a group name")
     return [names[k % len(names)] for k in range(n_parties)]
 
 

@@ -125,6 +125,9 @@ def load_yaml_config(parser, path):
         raise UsageError(f"cannot read --config {path}: {e.strerror}")
     except yaml.YAMLError as e:
         raise UsageError(f"--config {path} is not valid YAML: {str(e).splitlines()[0]}")
+    except ValueError as e:      # not UTF-8, or an integer of more digits than Python converts
+        raise UsageError(f"--config {path} cannot be read as YAML text ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -141,7 +144,12 @@ def load_yaml_config(parser, path):
         if value is not None and (not ok or (expected is int and isinstance(value, bool))):
             raise UsageError(f"--config {path}: key '{key}' must be {expected.__name__}, "
                              f"got {type(value).__name__} {value!r}")
-        out[key] = float(value) if expected is float and value is not None else value
+        if value is None and action.default is not None:
+            raise UsageError(f"--config {path}: key '{key}' has no value; give one or drop the key")
+        try:
+            out[key] = float(value) if expected is float and value is not None else value
+        except OverflowError:
+            raise UsageError(f"--config {path}: key '{key}' is too large a number ({str(value)[:20]}...)")
     return out
 
 
@@ -185,8 +193,14 @@ def validate_args(args):
         raise UsageError(f"--workers must be at least 1 (got {args.workers})")
     if args.backend not in ("local", "ray"):
         raise UsageError(f"unknown --backend '{args.backend}'; choose local or ray")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be at least 1 (got {args.threads})")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise UsageError(f"--threads must be between 1 and 1024 (got {args.threads})")
+    if not 0 <= args.init_seed < 2 ** 32:
+        raise UsageError(f"--init_seed must be between 0 and 2**32 - 1 (numpy's seed range; got {args.init_seed})")
+    if args.reg < 0:
+        raise UsageError(f"--reg (weight decay) must be >= 0 (got {args.reg})")
+    if args.momentum < 0:
+        raise UsageError(f"--momentum must be >= 0 (got {args.momentum})")
     if args.datadir != DEFAULT_DATADIR and not os.path.isdir(args.datadir):
         raise UsageError(f"--datadir {args.datadir} does not exist; point it at a folder holding the data")
 
