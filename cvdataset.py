@@ -421,8 +421,8 @@ def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2
         parts = partition_iid(len(labels), n_parties)
     elif partition == "noniid":
         if n_parties * min_require_size > len(labels):
-            raise UsageError(f"--n_parties {n_parties}: the Dirichlet partition needs at least {min_require_size} "
-                             f"samples a client and there are {len(labels)}; use fewer clients")
+            raise UsageError(f"--n_parties {n_parties} x --min_require_size {min_require_size} exceeds the "
+                             f"{len(labels)} training samples; use fewer clients or a lower --min_require_size")
         parts = partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size)
     elif re.fullmatch(r"noniid-skew(-\d+)?", partition):
         k = int(partition.rsplit("-", 1)[1]) if partition.count("-") == 2 else skew_class

@@ -31,6 +31,7 @@ from fedavg import FedAvg
 from utils import UsageError
 
 PUBLISHED = "the published FedHUG code (SPEC section 6)"
+MAX_BUDGET = 1_000_000    # synthesised samples a client may ask for (3 GB of 28x28 fp32 images)
 
 
 @dataclass
@@ -74,6 +75,11 @@ class FedHUG(FedAvg):
         for flag in ("lr_g", "T"):
             if not getattr(args, flag) > 0:
                 raise UsageError(f"--{flag} must be > 0 (got {getattr(args, flag)})")
+        largest = args.synthesis_batch_size * max(args.ua_budget_min_scale, args.ua_budget_max_scale)
+        if largest > MAX_BUDGET:
+            raise UsageError(f"--synthesis_batch_size {args.synthesis_batch_size} x budget scale up to "
+                             f"{max(args.ua_budget_min_scale, args.ua_budget_max_scale):g} allows {largest:.3g} "
+                             f"synthesised samples a client, more than {MAX_BUDGET:,}; lower either")
         if args.start_round < 0:
             raise UsageError(f"--start_round must be >= 0 (got {args.start_round})")
         if args.start_round > args.comm_round:

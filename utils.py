@@ -27,6 +27,7 @@ class UsageError(Exception):
 DATASETS = ("fashionmnist", "cifar10", "cifar100")
 OPTIMIZERS = ("sgd", "adam", "amsgrad")
 DEFAULT_DATADIR = "./data/"
+FLOAT32_MAX = 3.4028234663852886e+38     # torch.finfo(torch.float32).max: float flags end up in tensors
 
 # Flags that steer how a run is executed but not what it computes: they may differ between
 # a run and its resume, and they are left out of the checkpoint fingerprint.
@@ -137,6 +138,9 @@ def load_yaml_config(parser, path):
     for key, value in data.items():
         if key not in actions:
             raise UsageError(f"--config {path}: unknown key '{key}' (keys are the flag names, e.g. 'beta')")
+        if key in ("config", "resume"):
+            raise UsageError(f"--config {path}: '{key}' cannot be set in a config file; "
+                             f"give --{key} on the command line")
         action = actions[key]
         expected = bool if isinstance(action, argparse._StoreTrueAction) else (action.type or str)
         ok = isinstance(value, expected) or (expected is float and isinstance(value, int)
@@ -158,6 +162,9 @@ def validate_args(args):
     for name, value in vars(args).items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UsageError(f"--{name} must be a finite number (got {value})")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:
+            raise UsageError(f"--{name} {value} is beyond float32's range (|x| <= {FLOAT32_MAX:.4g}), "
+                             "which the tensors it ends up in hold")
     if args.dataset not in DATASETS:
         raise UsageError(f"unknown --dataset '{args.dataset}'; choose one of {', '.join(DATASETS)}")
     from models import resolve_models
@@ -228,16 +235,27 @@ def derived_seed(*parts):
 # ----------------------------------------------------------------------------- devices
 
 def choose_device(args):
-    """--device wins; else --gpu picks cuda:<gpu>, falling back to the CPU with one warning."""
+    """--device wins (cpu or cuda[:N]); else --gpu N picks cuda:N, falling back to the CPU
+    with one warning."""
     if args.device:
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device} asked for CUDA, but CUDA is not available here")
         try:
-            return torch.device(args.device)
+            device = torch.device(args.device)
         except RuntimeError:
             raise UsageError(f"--device '{args.device}' is not a device name (use cpu or cuda[:N])")
+        if device.type not in ("cpu", "cuda"):
+            raise UsageError(f"--device {args.device}: this suite runs on cpu or cuda[:N] only")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device} asked for CUDA, but CUDA is not available here")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise UsageError(f"--device {args.device}: there are {torch.cuda.device_count()} CUDA devices here")
+        return device
+    gpu = str(args.gpu).split(",")[0].strip()
+    if not (gpu.isascii() and gpu.isdigit()):
+        raise UsageError(f"--gpu '{args.gpu}' is not a GPU index (e.g. --gpu 0)")
     if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(str(args.gpu).split(',')[0])}")
+        if int(gpu) >= torch.cuda.device_count():
+            raise UsageError(f"--gpu {gpu}: there are {torch.cuda.device_count()} CUDA devices here")
+        return torch.device(f"cuda:{int(gpu)}")
     print(f"warning: --gpu {args.gpu}: CUDA is not available, running on the CPU", file=sys.stderr)
     return torch.device("cpu")
 

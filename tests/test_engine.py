@@ -128,7 +128,8 @@ BAD_INPUTS = [
     (["--beta", "0"], "--beta must be > 0"),
     (["--beta", "-1"], "--beta must be > 0"),
     (["--n_parties", "0"], "--n_parties must be at least 1"),
-    (["--n_parties", "7000"], "needs at least 10 samples a client"),
+    (["--n_parties", "7000"], "--n_parties 7000 x --min_require_size 10 exceeds"),
+    (["--min_require_size", "1000000000"], "use fewer clients or a lower --min_require_size"),
     (["--partition", "noniid-skew-2", "--n_parties", "7"], "not a multiple of 5"),
     (["--sample_fraction", "0"], "--sample_fraction must be in (0, 1]"),
     (["--sample_fraction", "1.5"], "--sample_fraction must be in (0, 1]"),
@@ -138,6 +139,9 @@ BAD_INPUTS = [
     (["--lr", "0"], "--lr must be > 0"),
     (["--datadir", "/no/such/folder"], "--datadir /no/such/folder does not exist"),
     (["--device", "cuda:0"], "CUDA is not available"),
+    (["--device", "meta"], "runs on cpu or cuda[:N] only"),
+    (["--gpu", "abc"], "--gpu 'abc' is not a GPU index"),
+    (["--lr", "1e39"], "--lr 1e+39 is beyond float32's range"),
     (["--eval", "personal"], "unknown --eval 'personal'"),
     (["--train_ratio", "1"], "--train_ratio must be in (0, 1)"),
     (["--client_models", "simplecnn-mnist,resnet"], "unknown --client_models 'resnet'"),
@@ -180,6 +184,7 @@ def test_broken_data_files_are_one_clear_line(tmp_path):
     ("beta: high\n", "key 'beta' must be float"),
     ("n_parties: 2.5\n", "key 'n_parties' must be int"),
     ("[1, 2\n", "not valid YAML"),
+    ("resume: logs/run\n", "'resume' cannot be set in a config file"),
 ])
 def test_bad_yaml_config(tmp_path, content, message):
     config = tmp_path / "bad.yaml"

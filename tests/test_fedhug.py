@@ -143,6 +143,12 @@ def test_start_round_after_comm_round_is_a_usage_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_an_unbounded_budget_is_a_usage_error(tmp_path):
+    result = run_script("fedhug.py", "--ua_budget_max_scale", "1e30", "--comm_round", "1", logdir=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "synthesised samples a client, more than 1,000,000" in result.stderr
+
+
 def test_flags_of_other_algorithms_are_refused(capsys, tmp_path):
     # a tiny run's flags, so that a flag wrongly accepted costs seconds, not a 70-round run
     tiny_run = ["--n_parties", "2", "--comm_round", "1", "--start_round", "0", "--num_local_iterations", "1",

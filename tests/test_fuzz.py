@@ -1,6 +1,5 @@
-"""Property-based fuzzing of every flag of every algorithm (issue 19). Not yet collected by the
-suite (it still finds failures, listed in the README): run it with
-    python -m pytest tests/fuzz_flags.py                     # FUZZ_EXAMPLES=12 for a longer hunt
+"""Property-based fuzzing of every flag of every algorithm (issue 19), part of the suite; alone:
+    python -m pytest tests/test_fuzz.py                      # FUZZ_EXAMPLES=12 for a longer hunt
 
 
 For every algorithm of the registry, hypothesis draws values for one to three of its flags,
@@ -198,6 +197,7 @@ def make_place(what, tmp, seed_run):
             "yaml_binary": b"\xff\xfe\x00beta: \x80\x81\n",
             "yaml_nested": b"beta: {a: [1, 2]}\n",
             "yaml_long_int": b"skew_class: 1" + b"0" * 5000 + b"\n",    # past Python's 4300-digit int limit
+            "yaml_resume": b"resume: somewhere\n",
         }[what])
     raise AssertionError(f"unknown place {what}")
 
@@ -277,7 +277,7 @@ RESTRICTED = {  # run controls: never Ray, never a path outside the example's tm
     "config": st.sampled_from([Place("missing"), Place("empty_dir"), Place("empty_file"), Place("binary_file"),
                                Place("yaml_invalid"), Place("yaml_list"), Place("yaml_scalar"),
                                Place("yaml_unknown_key"), Place("yaml_valid"), Place("yaml_binary"),
-                               Place("yaml_nested"), Place("yaml_long_int"), ""]),
+                               Place("yaml_nested"), Place("yaml_long_int"), Place("yaml_resume"), ""]),
 }
 
 
@@ -533,14 +533,18 @@ REGRESSIONS = {
                {"lr": 10**400},                       # YAML int too large for float(): OverflowError
                {"client_models": ","}],               # ZeroDivisionError in models.client_architectures
     "fedavgm": [{"device": "meta"},                   # torch.device("meta") accepted, crashes later
+                {"device": "mps"}, {"gpu": "abc"},    # another device type; --gpu not an index
+                {"config": Place("yaml_resume")},     # resume: in a config file, silently ignored
                 {"config": Place("yaml_long_int")}],  # yaml.safe_load's ValueError (4300-digit limit)
-    "fedprox": [{"reg": -1e-5}],                      # torch.optim.SGD's ValueError
     "moon": [{"momentum": -0.5}],                     # torch.optim.SGD's ValueError
-    "scaffold": [{"lr": 1e300}],                      # beyond float32: RuntimeError in optimizer.step
+    "scaffold": [{"lr": 1e300}, {"reg": 1e39}],       # beyond float32: RuntimeError in optimizer.step
+    "fedprox": [{"reg": -1e-5}, {"min_require_size": 10**9}],   # ... and the message blamed --n_parties
     "fednova": [{"init_seed": 2**32},                 # numpy's seed range
                 {"threads": 2**31}],                  # torch.set_num_threads overflow
     "fedhug": [{"ua_budget_min_scale": 1e300, "ua_budget_max_scale": 1e300},   # OverflowError in synthesis
-               {"config": Place("yaml_binary")}],     # UnicodeDecodeError in load_yaml_config
+               {"config": Place("yaml_binary")},      # UnicodeDecodeError in load_yaml_config
+               {"synthesis_batch_size": 2**40},       # an unbounded budget: OverflowError / out of memory
+               {"lr_g": 1e39}],                       # beyond float32 in the generator's optimiser
 }
 
 
