@@ -300,15 +300,17 @@ def augment_batch(images_uint8, mean, std, generator, padding=4):
 class ShuffledBatches:
     """Endless shuffled mini-batches of in-memory tensors (all of the same length), reshuffled
     with `generator` whenever exhausted; the last batch of a pass may be smaller (a
-    DataLoader with drop_last=False)."""
+    DataLoader with drop_last=False), or with drop_last is skipped (unless it is the only one)."""
 
-    def __init__(self, tensors, batch_size, generator):
+    def __init__(self, tensors, batch_size, generator, drop_last=False):
         self.tensors, self.batch_size, self.generator = tensors, batch_size, generator
+        self.drop_last = drop_last
         self.order, self.position = None, 0
 
     def next(self):
         n = len(self.tensors[0])
-        if self.order is None or self.position >= n:
+        end_of_pass = n if not self.drop_last or n < self.batch_size else n - self.batch_size + 1
+        if self.order is None or self.position >= end_of_pass:
             self.order = torch.randperm(n, generator=self.generator).to(self.tensors[0].device)
             self.position = 0
         index = self.order[self.position: self.position + self.batch_size]
@@ -320,8 +322,8 @@ class BatchStream(ShuffledBatches):
     """One client's shuffled batches of uint8 images, augmented (or only normalised) as they
     are drawn, with their labels."""
 
-    def __init__(self, images, labels, batch_size, generator, mean, std, augment=True):
-        super().__init__((images, labels), batch_size, generator)
+    def __init__(self, images, labels, batch_size, generator, mean, std, augment=True, drop_last=False):
+        super().__init__((images, labels), batch_size, generator, drop_last)
         self.mean, self.std, self.augment = mean, std, augment
 
     def next(self):
@@ -345,13 +347,15 @@ def _piece_sizes(length, cuts):
     return np.array([len(piece) for piece in np.split(np.arange(length), cuts)])   # NaN draws
 
 
-def partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size=10):
+def partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size=10, shuffle_clients=True):
     """Dirichlet label skew (NIID-Bench `noniid-labeldir`); see SPEC section 2.
 
     The whole draw is repeated until every client holds at least `min_require_size` samples, at
     most MAX_PARTITION_ATTEMPTS times (then UsageError). Each attempt makes the same RNG draws,
     in the same order, as the unbounded NIID-Bench loop; only the client sizes are tracked while
-    drawing, and the index lists are built once, from the accepted attempt."""
+    drawing, and the index lists are built once, from the accepted attempt. PFLlib's generator
+    (dataset/utils/dataset_utils.py) is the same loop without the final per-client shuffle
+    (shuffle_clients=False: its lists stay class-ordered)."""
     if not 0 < beta < math.inf:
         raise UsageError(f"--beta must be a finite number > 0 (got {beta})")
     n = labels.shape[0]
@@ -382,8 +386,9 @@ def partition_dirichlet(labels, n_parties, beta, num_classes, min_require_size=1
     idx_batch = [[] for _ in range(n_parties)]
     for idx_k, cuts in draws:
         idx_batch = [idx_j + idx.tolist() for idx_j, idx in zip(idx_batch, np.split(idx_k, cuts))]
-    for j in range(n_parties):
-        np.random.shuffle(idx_batch[j])
+    if shuffle_clients:
+        for j in range(n_parties):
+            np.random.shuffle(idx_batch[j])
     return idx_batch
 
 
@@ -428,7 +433,7 @@ def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2
         k = int(partition.rsplit("-", 1)[1]) if partition.count("-") == 2 else skew_class
         parts = partition_skew(labels, n_parties, num_classes, k)
     else:
-        raise UsageError(f"unknown --partition '{partition}'; choose iid, noniid or noniid-skew-K")
+        raise UsageError(f"unknown --partition '{partition}'; choose iid, noniid, noniid-skew-K or pfllib")
     if min(len(p) for p in parts) == 0:
         raise UsageError(f"--partition {partition} leaves a client with no data; use fewer clients")
     return parts

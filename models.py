@@ -1,7 +1,13 @@
-"""SimpleCNN (SPEC section 3): `base` gives the 84-d representation, `classifier.fc` the logits.
+"""The suite's models. Every one has `features(x)` (the representation z), a head module (logits
+= head(z)) named by the class attribute `head_name`, and `classifier`, that head under one name for
+every model.
 
-State-dict names (base.conv1, base.conv2, base.fc1, base.fc2, classifier.fc) match the
-published code so checkpoints load across tools.
+    SimpleCNN (SPEC section 3): `base` gives the 84-d representation, `classifier.fc` the
+        logits. State-dict names (base.conv1, base.conv2, base.fc1, base.fc2, classifier.fc)
+        match the published code so checkpoints load across tools.
+    FedAvgCNN: PFLlib's "4-layer CNN" (spec/pfl-htfl.md section 0), 512-d representation,
+        582,026 parameters for 1x28x28; names as PFLlib's BaseHeadSplit (base.conv1.0, ...,
+        head.weight), so its base/head methods split it where PFLlib does.
 """
 import torch
 from torch import nn
@@ -38,6 +44,7 @@ class Classifier(nn.Module):
 
 class SimpleCNN(nn.Module):
     """logits = classifier(base(x)); `features(x)` is the 84-d representation MOON uses."""
+    head_name = "classifier"
 
     def __init__(self, in_channels, image_size, num_classes):
         super().__init__()
@@ -54,11 +61,40 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.base(x))
 
 
+class FedAvgCNN(nn.Module):
+    """PFLlib's FedAvgCNN as BaseHeadSplit holds it: base = conv(c->32,5) ReLU pool2,
+    conv(32->64,5) ReLU pool2, flatten, fc1(flat->512) ReLU; head = Linear(512 -> classes)."""
+    head_name = "head"
+
+    def __init__(self, in_channels, flat_dim, num_classes, dim=512):
+        super().__init__()
+        self.input_shape = None
+        self.num_classes = num_classes
+        self.base = nn.Sequential()
+        self.base.add_module("conv1", nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2)))
+        self.base.add_module("conv2", nn.Sequential(nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2)))
+        self.base.add_module("flatten", nn.Flatten())
+        self.base.add_module("fc1", nn.Sequential(nn.Linear(flat_dim, dim), nn.ReLU()))
+        self.head = nn.Linear(dim, num_classes)
+
+    @property
+    def classifier(self):
+        return self.head
+
+    def features(self, x):
+        return self.base(x)
+
+    def forward(self, x):
+        return self.head(self.base(x))
+
+
 # name -> (builder(num_classes), input shape). register_model adds one (a test's tiny model,
 # a family's architectures); MODEL_GROUPS names lists of them for --client_models.
 MODELS = {
     "simplecnn": (lambda num_classes: SimpleCNN(3, 32, num_classes), (3, 32, 32)),
     "simplecnn-mnist": (lambda num_classes: SimpleCNN(1, 28, num_classes), (1, 28, 28)),
+    "fedavgcnn": (lambda num_classes: FedAvgCNN(1, 1024, num_classes), (1, 28, 28)),
+    "fedavgcnn-cifar": (lambda num_classes: FedAvgCNN(3, 1600, num_classes), (3, 32, 32)),
 }
 MODEL_GROUPS = {}
 DATASET_SHAPES = {"fashionmnist": (1, 28, 28), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32)}
@@ -104,6 +140,11 @@ def resolve_models(args):
             fitting = [n for n, (_, s) in MODELS.items() if s == shape]
             raise UsageError(f"{flag} {name} does not fit --dataset {args.dataset} "
                              f"(use one of {', '.join(fitting)})")
+
+
+def head_prefix(model):
+    """The state-dict prefix of a model's head ("classifier." for SimpleCNN, "head." for FedAvgCNN)."""
+    return type(model).head_name + "."
 
 
 def count_parameters(model):

@@ -14,13 +14,21 @@ moon, scaffold, fednova and fedhug) on one partition and seed(s), then writes th
 table and the accuracy-vs-round curves.
 
 options (each also read from the environment variable in capitals; a flag wins):
-  --profile quick|paper  quick (default): 15 rounds x 25 local iterations, FedHUG from
+  --profile quick|paper|pfl
+                         quick (default): 15 rounds x 25 local iterations, FedHUG from
                          round 10 with --g_steps 30 --synthesis_batch_size 64 (about
                          7 minutes on 2 idle CPU cores); paper: the FedHUG paper's settings,
                          70 rounds x 100 iterations, FedHUG from round 50, --g_steps 500,
-                         --synthesis_batch_size 256 (hours on a CPU)
+                         --synthesis_batch_size 256 (hours on a CPU); pfl: the personalised
+                         comparison under PFLlib's scenario (--scenario pfllib: merged
+                         Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10, lr 0.005,
+                         1 epoch a round, every client scored on its own test split),
+                         FedAvg, FedAvg+FT and the personalised family, 20 rounds (about a
+                         minute a round and algorithm on one idle core; PFLlib runs 2000)
   --dataset NAME         fashionmnist (default), cifar10, cifar100
-  --partition NAME       noniid (default), iid, noniid-skew-K
+  --partition NAME       noniid (default), iid, noniid-skew-K; pfllib (the pfl profile's default)
+  --model NAME           the model of every script (default: the dataset's, or the pfl
+                         profile's fedavgcnn), e.g. simplecnn-mnist
   --beta B               Dirichlet concentration of --partition noniid (default 0.1)
   --n_parties N          number of clients (default 10)
   --seeds "S ..."        seeds (default "0"); each seed is a run of every algorithm
@@ -30,7 +38,8 @@ options (each also read from the environment variable in capitals; a flag wins):
   --g_steps G            FedHUG's synthesis steps (default: the profile's)
   --budget B             FedHUG's --synthesis_batch_size (default: the profile's)
   --algorithms "A ..."   any names of python main.py --list, e.g. "fedavg fedhug"
-                         (default: the seven of the FedHUG paper's table)
+                         (default: the seven of the FedHUG paper's table; with the pfl
+                         profile FedAvg, FedAvg+FT and the personalised family)
   --logroot DIR          output folder (default: log/ beside run.sh)
   --fresh                start this invocation's runs over instead of continuing them
   -h, --help             this text
@@ -50,6 +59,8 @@ examples:
   bash run.sh
   bash run.sh --profile paper --seeds "0 1 2" --beta 0.5
   ROUNDS=2 ITERS=5 ALGORITHMS="fedavg fedavgm" LOGROOT=/tmp/log bash run.sh
+  bash run.sh --profile pfl --seeds "0 1 2"                       # PFLlib's scenario
+  bash run.sh --profile pfl --model simplecnn-mnist --partition noniid   # SimpleCNN, the suite's Dir(0.1)
 EOF
 }
 
@@ -61,6 +72,7 @@ die() {
 # ----------------------------------------------------------------------------- options
 KNOWN_ALGORITHMS="$(python3 "$here/engine/registry.py" --names)"   # the registry, read without torch
 DEFAULT_ALGORITHMS="fedavg fedavgm fedprox moon scaffold fednova fedhug"
+PFL_ALGORITHMS="fedavg fedavg-ft fedper fedrep lgfedavg ditto perfedavg fedala fedcp gpfl feddbe"
 extra_flags=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -73,6 +85,7 @@ while [ $# -gt 0 ]; do
         --profile) variable=PROFILE ;;
         --dataset) variable=DATASET ;;
         --partition) variable=PARTITION ;;
+        --model) variable=MODEL ;;
         --beta) variable=BETA ;;
         --n_parties) variable=N_PARTIES ;;
         --seeds) variable=SEEDS ;;
@@ -100,12 +113,15 @@ PROFILE="${PROFILE:-quick}"
 case "$PROFILE" in
     quick) profile_rounds=15 profile_iters=25 profile_start_round=10 profile_g_steps=30 profile_budget=64 ;;
     paper) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=500 profile_budget=256 ;;
-    *) die "unknown profile '$PROFILE'; choose quick or paper" ;;
+    pfl) profile_rounds=20 profile_iters=100 profile_start_round=0 profile_g_steps=30 profile_budget=64
+         DEFAULT_ALGORITHMS="$PFL_ALGORITHMS" PARTITION="${PARTITION:-pfllib}" N_PARTIES="${N_PARTIES:-20}" ;;
+    *) die "unknown profile '$PROFILE'; choose quick, paper or pfl" ;;
 esac
 DATASET="${DATASET:-fashionmnist}"
 PARTITION="${PARTITION:-noniid}"
 BETA="${BETA:-0.1}"
 N_PARTIES="${N_PARTIES:-10}"
+MODEL="${MODEL:-}"
 SEEDS="${SEEDS:-0}"
 ROUNDS="${ROUNDS:-$profile_rounds}"
 ITERS="${ITERS:-$profile_iters}"
@@ -136,11 +152,15 @@ cd "$here"
 setting="${DATASET}_${PARTITION}"
 [ "$PARTITION" = noniid ] && setting+="_beta${BETA}"
 [ "$N_PARTIES" = 10 ] || setting+="_${N_PARTIES}clients"
+[ -n "$MODEL" ] && setting+="_${MODEL}"
+[ "$PROFILE" = pfl ] && setting="pfl_${setting}"
 out="$LOGROOT/$setting"
 mkdir -p "$out/runs"
 
 common_flags=(--dataset "$DATASET" --partition "$PARTITION" --beta "$BETA" --n_parties "$N_PARTIES"
               --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS")
+[ "$PROFILE" = pfl ] && common_flags=(--scenario pfllib "${common_flags[@]}")     # its batch, lr, epochs, eval
+[ -n "$MODEL" ] && common_flags+=(--model "$MODEL")
 
 # The script and the flags that make each algorithm come from the registry (its own flags'
 # defaults are those of the published command lines); the profile adds FedHUG's schedule.
@@ -151,7 +171,11 @@ algorithm_command() {
     fi
 }
 
-echo "run.sh: profile $PROFILE, setting $setting, seeds $SEEDS, $ROUNDS rounds x $ITERS local iterations, output $out"
+if [ "$PROFILE" = pfl ]; then
+    echo "run.sh: profile pfl (--scenario pfllib), setting $setting, seeds $SEEDS, $ROUNDS rounds x 1 epoch, output $out"
+else
+    echo "run.sh: profile $PROFILE, setting $setting, seeds $SEEDS, $ROUNDS rounds x $ITERS local iterations, output $out"
+fi
 if [[ " $ALGORITHMS " == *" fedhug "* ]] && [ "$START_ROUND" -ge "$ROUNDS" ]; then
     echo "run.sh: note: FedHUG starts synthesis at round $START_ROUND >= $ROUNDS rounds, so it runs as FedAvg (set START_ROUND)"
 fi

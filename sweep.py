@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from engine.parallel import start_ray
 from engine import registry
-from utils import DATASETS, UsageError
+from utils import DATASETS, SCENARIOS, UsageError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -92,6 +92,10 @@ def check_extra_flags(extra, algorithms):
         for dest, instead in GRID_FLAGS.items():
             if getattr(flags, dest) is not unset:
                 raise UsageError(f"--{dest} after -- is set by the sweep; use sweep.py {instead}")
+    given = {word.split("=")[0][2:] for word in extra if word.startswith("--")}
+    for dest, value in SCENARIOS.get(flags.scenario, {}).items():      # --scenario's settings, unless given
+        if dest not in given and dest not in GRID_FLAGS:
+            setattr(flags, dest, value)
     return flags
 
 
@@ -246,7 +250,8 @@ def main(argv=None):
             return 0
         todo = []
         for run in runs:
-            action = prepare(run, flags.comm_round - 1)
+            # --eval local ends with an evaluation-only round R (engine/evaluation.py)
+            action = prepare(run, flags.comm_round if flags.eval == "local" else flags.comm_round - 1)
             print(f"{action:7} {run.setting}/{run.name}", flush=True)
             if action != "skip":
                 todo.append(run)

@@ -29,6 +29,19 @@ OPTIMIZERS = ("sgd", "adam", "amsgrad")
 DEFAULT_DATADIR = "./data/"
 FLOAT32_MAX = 3.4028234663852886e+38     # torch.finfo(torch.float32).max: float flags end up in tensors
 
+# --scenario NAME: a reference protocol's settings, as flag defaults (the command line and
+# --config override each one; a resumed run keeps its own).
+SCENARIOS = {
+    # PFLlib's benchmark (spec/pfl-htfl.md section 1): FMNIST train+test merged, Dir(0.1) over 20
+    # clients by its generator (seed 1), 75/25 per-client splits, the 4-layer CNN, batch 10,
+    # lr 0.005, plain SGD, 1 epoch (drop_last, no augmentation), every client each round,
+    # 2000 rounds, every client evaluated after download and before training.
+    "pfllib": dict(dataset="fashionmnist", model="fedavgcnn", partition="pfllib", beta=0.1, n_parties=20,
+                   eval="local", train_ratio=0.75, batch_size=10, lr=0.005, momentum=0.0, reg=0.0,
+                   optimizer="sgd", epochs=1, drop_last=True, no_augment=True, sample_fraction=1.0,
+                   comm_round=2000),
+}
+
 # Flags that steer how a run is executed but not what it computes: they may differ between
 # a run and its resume, and they are left out of the checkpoint fingerprint.
 RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
@@ -45,8 +58,12 @@ def build_parser(description, algorithm_flags=()):
     # --- data and partition
     a("--dataset", default="fashionmnist", help=f"one of {', '.join(DATASETS)}")
     a("--datadir", default=DEFAULT_DATADIR, help="where to look for the data first")
+    a("--scenario", default="none", help="a reference protocol's settings as defaults: none, or pfllib "
+      "(PFLlib's FMNIST benchmark: merged Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10, lr 0.005, "
+      "plain SGD, 1 epoch, --eval local); other flags override each setting")
     a("--partition", default="noniid",
-      help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client)")
+      help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client), "
+           "pfllib (PFLlib's Dirichlet generator, seed 1, with --eval local)")
     a("--beta", type=float, default=0.5, help="Dirichlet concentration for --partition noniid")
     a("--skew_class", type=int, default=2, help="K for --partition noniid-skew")
     a("--min_require_size", type=int, default=10,
@@ -61,6 +78,9 @@ def build_parser(description, algorithm_flags=()):
       help="local epochs a round: each client runs E passes over its own data, so clients with more data "
            "take more steps (NIID-Bench); 0: --num_local_iterations steps")
     a("--batch_size", type=int, default=64)
+    a("--drop_last", action="store_true", help="skip each pass's last partial batch (PyTorch's drop_last; "
+      "with --epochs E a client takes E * floor(n / batch_size) steps)")
+    a("--no_augment", action="store_true", help="no random crop and flip of training images")
     a("--lr", type=float, default=0.01, help="client learning rate")
     a("--reg", type=float, default=1e-5, help="weight decay")
     a("--optimizer", default="sgd", help=f"one of {', '.join(OPTIMIZERS)}")
@@ -102,14 +122,19 @@ def build_parser(description, algorithm_flags=()):
 
 
 def parse_args(parser, argv=None, checkpoint_config=None):
-    """Parse flags with the precedence: command line > --config YAML > checkpoint > defaults."""
+    """Parse flags with the precedence: command line > --config YAML > checkpoint > --scenario >
+    defaults."""
     pre, _ = parser.parse_known_args(argv)
     defaults = {}
+    config = load_yaml_config(parser, pre.config) if pre.config else {}
+    scenario = pre.scenario if pre.scenario != parser.get_default("scenario") else config.get("scenario", "none")
+    if scenario not in ("none", *SCENARIOS):
+        raise UsageError(f"unknown --scenario '{scenario}'; choose none or {', '.join(SCENARIOS)}")
+    defaults.update(SCENARIOS.get(scenario, {}))
     if checkpoint_config:
         known = {act.dest for act in parser._actions}
         defaults.update({k: v for k, v in checkpoint_config.items() if k in known})
-    if pre.config:
-        defaults.update(load_yaml_config(parser, pre.config))
+    defaults.update(config)
     parser.set_defaults(**defaults)
     args = parser.parse_args(argv)
     validate_args(args)
@@ -190,6 +215,9 @@ def validate_args(args):
         raise UsageError(f"unknown --eval '{args.eval}'; choose one of {', '.join(EVAL_PROTOCOLS)}")
     if not (0 < args.train_ratio < 1):
         raise UsageError(f"--train_ratio must be in (0, 1) (got {args.train_ratio})")
+    if args.partition == "pfllib" and args.eval != "local":
+        raise UsageError("--partition pfllib splits every client's share into train and test: use it with "
+                         "--eval local")
     if args.epochs < 0:
         raise UsageError(f"--epochs must be >= 0 (got {args.epochs}; 0 means --num_local_iterations steps)")
     if args.min_require_size < 0:

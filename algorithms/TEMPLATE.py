@@ -19,13 +19,17 @@ class Template(Algorithm):
     name = "template"
     flags = (Flag("mu", float, 0.01, "what mu weighs", "the paper's Table 3 / the reference code's main.py"),)
     keeps_local_model = False     # True: ctx.previous_weights = the client's last trained model
-    broadcast_to_all = False      # True: every client gets the download each round; the unsampled run `receive`
+    broadcast_to_all = False      # True: every client gets the download each round (so does --eval local)
 
     @classmethod
     def check_args(cls, args):
         """Refuse bad values of this algorithm's flags with utils.UsageError (one clear line)."""
 
     # ------------------------------------------------------------------ server
+    def initialise_server(self, server_state, contexts, server):
+        """Once before round 0 with every client's context (e.g. FedDBE's initialisation epoch)."""
+        return server_state
+
     def init_server(self, initial_weights):
         """The server's state before round 0: anything checkpointable (tensors, numbers, dicts,
         module and optimiser state dicts). "weights" is the global model; partial or absent is fine."""
@@ -48,7 +52,8 @@ class Template(Algorithm):
     # .class_counts, .num_samples), ctx.generator (all randomness), ctx.global_model.
 
     def receive(self, ctx):
-        """broadcast_to_all: an unsampled client got ctx.download; update ctx.state. Uploads nothing."""
+        """Every client that got ctx.download, sampled or not, first: update ctx.state (e.g. adapt
+        the download into its personal model). Runs before evaluation and client_update."""
 
     def prepare_client(self, ctx, model):
         """Before local training (e.g. load a previous model, synthesise data)."""
@@ -72,10 +77,11 @@ class Template(Algorithm):
         super().finish_client(ctx, model)
 
     # ------------------------------------------------------------------ evaluation
-    def evaluation_model(self, client_id, download, state):
-        """--eval local: the model this client reports on its own test split, or {series: model}
-        for several series (the first is the headline; e.g. Ditto's personal and global)."""
-        return super().evaluation_model(client_id, download, state)
+    def evaluation_model(self, ctx):
+        """--eval local: the model this client reports on its own test split after `receive`,
+        before training, or {series: model} for several series (the first is the headline; e.g.
+        Ditto's personal and global). ctx.generator is its own; leave ctx.state unchanged."""
+        return super().evaluation_model(ctx)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@
 _EXPORTS = {
     "Algorithm": "engine.algorithm", "ClientContext": "engine.algorithm", "ClientResult": "engine.algorithm",
     "Flag": "engine.algorithm", "ServerContext": "engine.algorithm", "TrainingDiverged": "engine.algorithm",
-    "clone_weights": "engine.algorithm", "weighted_average": "engine.algorithm",
+    "clone_weights": "engine.algorithm", "weighted_average": "engine.algorithm", "split_head": "engine.algorithm",
     "Run": "engine.loop", "main": "engine.loop", "sample_clients": "engine.loop",
     "Observer": "engine.observers", "payload_bytes": "engine.observers",
 }

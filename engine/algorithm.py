@@ -3,12 +3,16 @@ server does with a round's uploads, and what is evaluated.
 
 One round, as the engine (engine/loop.py) runs it:
 
-    for each sampled client k (anywhere: this process, a worker, a Ray actor):
+    for each client k that receives the download (the sampled ones; every client with
+    broadcast_to_all or --eval local), anywhere (this process, a worker, a Ray actor):
         download_k = algorithm.download(server_state, k)              # counted as bytes down
-        result_k   = algorithm.client_update(ClientContext(k, round, download_k, state_k, data_k, rng_k))
+        ctx_k      = ClientContext(k, round, download_k, state_k, data_k, rng_k)
+        algorithm.receive(ctx_k)                                      # e.g. FedALA's adaptation
+        --eval local: algorithm.evaluation_model(ctx_k) scored on k's own test split
+        if k is sampled: result_k = algorithm.client_update(ctx_k)
                      # result_k.upload is counted as bytes up; result_k.state becomes state_k
     server_state = algorithm.server_update(server_state, results, ServerContext(round, rng))
-    evaluate (--eval global | local | groups), log, checkpoint
+    evaluate (--eval global | groups), log, checkpoint
 
 Everything an algorithm keeps between rounds lives in two places the engine checkpoints:
 `server_state` (a dict: "weights" is the global model's state dict, whole, partial or absent;
@@ -29,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from models import build_model
+from models import build_model, head_prefix
 
 
 class TrainingDiverged(Exception):
@@ -91,6 +95,7 @@ class ClientResult:
     state: dict         # the client's new persistent state (kept by the driver, never uploaded)
     metrics: dict       # train_loss, steps, ...: for logs and observers, not counted as uploaded
     log_lines: list
+    evaluation: dict = field(default_factory=dict)   # --eval local: {series: (correct, tested)} before training
 
 
 @dataclass
@@ -109,6 +114,14 @@ class ServerContext:
 
 def clone_weights(weights):
     return {k: v.detach().clone() for k, v in weights.items()}
+
+
+def split_head(weights, prefix):
+    """(base, head): the entries of `weights` outside and inside the head (keys starting with
+    `prefix`, e.g. Algorithm.head_prefix(architecture))."""
+    base = {k: v for k, v in weights.items() if not k.startswith(prefix)}
+    head = {k: v for k, v in weights.items() if k.startswith(prefix)}
+    return base, head
 
 
 def weighted_average(states, weights):
@@ -138,7 +151,8 @@ class Algorithm:
     name = "algorithm"
     flags = ()                  # Flag(...)s of this class; subclasses add theirs (see all_flags)
     keeps_local_model = False   # True: each client keeps its last trained model (ctx.previous_weights)
-    broadcast_to_all = False    # True: every client receives the download each round; the unsampled run `receive`
+    broadcast_to_all = False    # True: every client receives the download each round (so does --eval local)
+    evaluations = ("global", "local", "groups")   # the --eval protocols it supports (personalised: local)
 
     def __init__(self, setting):
         self.setting = setting
@@ -175,6 +189,10 @@ class Algorithm:
             self._models[key] = self.new_model(key[1])
         return self._models[key]
 
+    def head_prefix(self, architecture=None):
+        """The state-dict prefix of the architecture's head: "classifier." (SimpleCNN), "head." (FedAvgCNN)."""
+        return head_prefix(self.model("local", architecture))
+
     def frozen_model(self, role, architecture, weights):
         """The (role, architecture) model in eval mode without gradients, holding `weights`."""
         model = self.model(role, architecture)
@@ -193,6 +211,12 @@ class Algorithm:
     def init_server(self, initial_weights):
         """The server's state before round 0; `initial_weights` is the global model (--model)."""
         return {"weights": clone_weights(initial_weights)}
+
+    def initialise_server(self, server_state, contexts, server):
+        """Once before round 0 (not on resume), in the driver, with a ClientContext for every
+        client (round -1, its download, empty state, its data and generator): e.g. FedDBE's
+        initialisation epoch. Returns the server state; default: unchanged."""
+        return server_state
 
     def download(self, server_state, client_id):
         """What the server sends client `client_id` this round (counted in bytes_downloaded)."""
@@ -221,10 +245,18 @@ class Algorithm:
 
     def local_steps(self, ctx):
         """Optimiser steps of a client's round: --num_local_iterations, or with --epochs E,
-        E passes over its data, E * ceil(n_k / batch_size) (the last batch of a pass smaller)."""
+        E passes over its data, E * ceil(n_k / batch_size) (the last batch of a pass smaller),
+        E * floor(n_k / batch_size) with --drop_last (at least one)."""
         if self.args.epochs:
-            return self.args.epochs * math.ceil(ctx.data.num_samples / self.args.batch_size)
+            return self.args.epochs * self.batches_per_epoch(ctx.data.num_samples)
         return self.args.num_local_iterations
+
+    def batches_per_epoch(self, num_samples, batch_size=None):
+        """Batches in one pass over `num_samples` (PyTorch's DataLoader count, drop_last as --drop_last)."""
+        batch_size = batch_size or self.args.batch_size
+        if self.args.drop_last:
+            return max(1, num_samples // batch_size)
+        return math.ceil(num_samples / batch_size)
 
     def compose_weights(self, architecture, download, state):
         """A client's model weights: its architecture's initial weights, overwritten by the
@@ -248,8 +280,9 @@ class Algorithm:
         return local
 
     def receive(self, ctx):
-        """broadcast_to_all: what a client that is not sampled this round does with the download
-        (e.g. FedALA's adaptive local aggregation into its state). It uploads nothing."""
+        """What every client that receives the download does with it first, sampled or not,
+        before evaluation and local training (e.g. FedALA's adaptive local aggregation into its
+        state, FedPer's base written into an unsampled client's state). Default: nothing."""
 
     def prepare_client(self, ctx, model):
         """Hook before local training (FedHUG's synthesis, MOON's previous model, ...)."""
@@ -298,8 +331,11 @@ class Algorithm:
             ctx.state["local_model"] = clone_weights(model.state_dict())
 
     # ------------------------------------------------------------------ evaluation
-    def evaluation_model(self, client_id, download, state):
-        """`--eval local`: the model client `client_id` reports on its own test split, built from
-        what it would download now and its state. Default: its composed model."""
-        architecture = self.architecture(client_id)
-        return self.frozen_model("evaluation", architecture, self.compose_weights(architecture, download, state))
+    def evaluation_model(self, ctx):
+        """`--eval local`: the model client ctx.client_id reports on its own test split, taken
+        after it received the round's download (and ran `receive`) and before it trains
+        (PFLlib's timing); or {series: model} (the first series is the headline accuracy).
+        ctx.generator is an evaluation generator of its own; ctx.state must not be changed.
+        Default: its composed model."""
+        return self.frozen_model("evaluation", ctx.architecture,
+                                 self.compose_weights(ctx.architecture, ctx.download, ctx.state))

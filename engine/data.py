@@ -11,7 +11,15 @@ Evaluation protocols (--eval) decide what is split how:
                       perm = np.random.permutation(n_k); n_train = floor(train_ratio * n_k)
                       test = perm[:n_k - n_train],  train = perm[n_k - n_train:]
                   so each client's test part follows its own label skew. There is no global test set.
+
+--partition pfllib is PFLlib's generator (generate_FashionMNIST.py noniid - dir) bit for bit:
+the merged pool, numpy seeded with 1 (whatever --init_seed: the data are one fixed file there),
+NIID-Bench's Dirichlet loop with a minimum of floor(min(10 / (1 - train_ratio), N / K / 2))
+samples a client (40 for 70,000 samples and 20 clients; 10 is the generator's batch size) and
+no final per-client shuffle, then the split above continuing that RNG. --init_seed still
+seeds the models and training.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -35,15 +43,19 @@ class ClientData:
     batch_size: int
     test_images: torch.Tensor = None
     test_labels: torch.Tensor = None
+    augment: bool = True        # --no_augment: False
+    drop_last: bool = False     # --drop_last: every batch is a full one
 
     @property
     def num_samples(self):
         return len(self.labels)
 
     def stream(self, generator, augment=True, batch_size=None):
-        """Endless shuffled batches (x normalised, augmented unless augment=False; y)."""
+        """Endless shuffled batches (x normalised, augmented unless augment=False or --no_augment;
+        y); with --drop_last a pass skips its last partial batch."""
         return cvdataset.BatchStream(self.images, self.labels, batch_size or self.batch_size, generator,
-                                     self.mean, self.std, augment=augment)
+                                     self.mean, self.std, augment=augment and self.augment,
+                                     drop_last=self.drop_last)
 
 
 @dataclass
@@ -58,6 +70,21 @@ class FederatedData:
     @property
     def num_classes(self):
         return self.dataset.num_classes
+
+
+PFLLIB_DATA_SEED = 1          # random.seed(1); np.random.seed(1) in PFLlib's dataset generators
+PFLLIB_GENERATOR_BATCH = 10   # the generators' batch_size constant, which sets the minimum client size
+
+
+@contextlib.contextmanager
+def numpy_seeded(seed):
+    """numpy's global RNG seeded with `seed` inside the block, restored after it."""
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)
 
 
 def split_train_test(n, train_ratio):
@@ -77,13 +104,19 @@ def load_federated_data(args, device, dataset=None):
     if args.eval == "local":
         images = torch.cat([dataset.train_images, dataset.test_images])
         labels = torch.cat([dataset.train_labels, dataset.test_labels])
-    client_indices = cvdataset.partition_data(labels.numpy(), args.partition, args.n_parties, args.beta,
-                                              dataset.num_classes, args.skew_class, args.min_require_size)
-    test_parts = [None] * len(client_indices)
-    if args.eval == "local":
-        splits = [split_train_test(len(idx), args.train_ratio) for idx in client_indices]
-        test_parts = [np.asarray(idx)[test] for idx, (_, test) in zip(client_indices, splits)]
-        client_indices = [np.asarray(idx)[train] for idx, (train, _) in zip(client_indices, splits)]
+    with numpy_seeded(PFLLIB_DATA_SEED) if args.partition == "pfllib" else contextlib.nullcontext():
+        if args.partition == "pfllib":
+            least = math.floor(min(PFLLIB_GENERATOR_BATCH / (1 - args.train_ratio), len(labels) / args.n_parties / 2))
+            client_indices = cvdataset.partition_dirichlet(labels.numpy(), args.n_parties, args.beta,
+                                                           dataset.num_classes, least, shuffle_clients=False)
+        else:
+            client_indices = cvdataset.partition_data(labels.numpy(), args.partition, args.n_parties, args.beta,
+                                                      dataset.num_classes, args.skew_class, args.min_require_size)
+        test_parts = [None] * len(client_indices)
+        if args.eval == "local":
+            splits = [split_train_test(len(idx), args.train_ratio) for idx in client_indices]
+            test_parts = [np.asarray(idx)[test] for idx, (_, test) in zip(client_indices, splits)]
+            client_indices = [np.asarray(idx)[train] for idx, (train, _) in zip(client_indices, splits)]
     if min(len(idx) for idx in client_indices) == 0:
         raise UsageError(f"--train_ratio {args.train_ratio} leaves a client with no training samples; "
                          "raise it or use fewer clients")
@@ -93,7 +126,7 @@ def load_federated_data(args, device, dataset=None):
         idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
         client = ClientData(images[idx].to(device), labels[idx].to(device),
                             torch.as_tensor(counts[k], dtype=torch.long), dataset.mean, dataset.std,
-                            args.batch_size)
+                            args.batch_size, augment=not args.no_augment, drop_last=args.drop_last)
         if test_parts[k] is not None:
             test_idx = torch.as_tensor(np.asarray(test_parts[k], dtype=np.int64))
             client.test_images, client.test_labels = images[test_idx].to(device), labels[test_idx].to(device)

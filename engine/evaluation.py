@@ -2,12 +2,14 @@
 
     global  top-1 accuracy of the global model (--model, holding algorithm.global_weights) on
             the global test set (SPEC section 4).
-    local   PFLlib's (spec/pfl-htfl.md sections 1.3-1.4): every client's reported model
-            (algorithm.evaluation_model: what it would download now composed with its own
-            state) on its own test split; accuracy = sum_k correct_k / sum_k n_k^test over ALL
-            clients (a micro average); the per-client accuracies and their np.std are recorded.
-            Taken after aggregation, i.e. on what the clients receive at the start of the next
-            round: PFLlib's "after download, before training" point.
+    local   PFLlib's (spec/pfl-htfl.md sections 1.3-1.4): every client receives the round's
+            download, runs algorithm.receive, and scores its reported model
+            (algorithm.evaluation_model) on its own test split before it trains, in the same
+            process as its update (engine/executors.py: run_client); accuracy = sum_k correct_k
+            / sum_k n_k^test over ALL clients (a micro average); the per-client accuracies and
+            their np.std are recorded. Round r's number is taken at the start of round r
+            (round 0: the untrained model); after the last round one evaluation-only round R
+            scores what the R aggregations produced, as PFLlib's loop i = 0..R does.
     groups  each architecture in --client_models builds its model from the global weights
             (the entries it has) and is scored on the global test set; accuracy = unweighted
             mean over groups (InCo), every group's accuracy recorded.
@@ -36,22 +38,25 @@ def evaluate_global(algorithm, server_state, data):
     return {"accuracy": count_correct(model, data.test_images, data.test_labels, mean, std) / len(data.test_labels)}
 
 
-def evaluate_local(algorithm, server_state, client_states, data):
-    """evaluation_model may return one model or {series: model} (e.g. Ditto's personal and
-    global models): the first series is the headline accuracy, each other one is recorded
-    as accuracy_<series> beside it."""
-    correct, tested = {}, []
-    for k, client in enumerate(data.clients):
-        models = algorithm.evaluation_model(k, algorithm.download(server_state, k), client_states[k])
-        for series, model in (models.items() if isinstance(models, dict) else [("", models)]):
-            correct.setdefault(series, []).append(count_correct(model, client.test_images, client.test_labels,
-                                                                client.mean, client.std))
-        tested.append(len(client.test_labels))
+def client_evaluation(algorithm, ctx):
+    """{series: (correct, tested)} of client ctx.client_id's reported model(s) on its test split."""
+    models = algorithm.evaluation_model(ctx)
+    client = ctx.data
+    return {series: (count_correct(model, client.test_images, client.test_labels, client.mean, client.std),
+                     len(client.test_labels))
+            for series, model in (models.items() if isinstance(models, dict) else [("", models)])}
+
+
+def summarise_local(evaluations):
+    """The scores of one round from every client's client_evaluation (in client order): the
+    first series is the headline accuracy, each other one is recorded as accuracy_<series>."""
     scores = {}
-    for position, (series, counts) in enumerate(correct.items()):
+    for position, series in enumerate(evaluations[0]):
+        counts = [evaluation[series] for evaluation in evaluations]
         suffix = "" if position == 0 else f"_{series}"
-        per_client = [c / n for c, n in zip(counts, tested)]
-        scores.update({f"accuracy{suffix}": sum(counts) / sum(tested), f"client_accuracies{suffix}": per_client,
+        per_client = [correct / tested for correct, tested in counts]
+        scores.update({f"accuracy{suffix}": sum(c for c, _ in counts) / sum(n for _, n in counts),
+                       f"client_accuracies{suffix}": per_client,
                        f"client_accuracy_std{suffix}": float(np.std(per_client))})
     return scores
 
@@ -72,10 +77,9 @@ def evaluate_groups(algorithm, server_state, data):
     return {"accuracy": float(np.mean(list(groups.values()))), "group_accuracies": groups}
 
 
-def evaluate(protocol, algorithm, server_state, client_states, data):
-    """{"accuracy": the headline number, ...details} under `protocol`."""
-    if protocol == "local":
-        return evaluate_local(algorithm, server_state, client_states, data)
+def evaluate(protocol, algorithm, server_state, data):
+    """{"accuracy": the headline number, ...details} under `protocol` (global or groups; local
+    is taken by the clients: client_evaluation, summarise_local)."""
     if protocol == "groups":
         return evaluate_groups(algorithm, server_state, data)
     return evaluate_global(algorithm, server_state, data)

@@ -3,6 +3,7 @@ on Ray actors (engine/parallel.py). All of them run a client through `run_client
 algorithm instance and data built by `build_client_side`, so the results are bit for bit the
 same wherever a client runs.
 """
+import dataclasses
 import sys
 
 import torch
@@ -10,6 +11,7 @@ from tqdm import tqdm
 
 from engine.algorithm import ClientContext, ClientResult, Setting, clone_weights
 from engine.data import load_federated_data
+from engine.evaluation import client_evaluation
 from models import build_model, client_architectures
 from utils import derived_seed
 
@@ -45,17 +47,27 @@ def build_client_side(algorithm_class, args, weights, device, dataset=None):
     return algorithm_class(setting), data
 
 
-def run_client(algorithm, data, download, state, client_id, round_index, train=True):
+def run_client(algorithm, data, download, state, client_id, round_index, train=True, evaluate=False):
     """One client's round: its context (with the generator seeded by (init_seed, round, client)),
-    then algorithm.client_update; with train=False (a client that is not sampled but receives
-    the broadcast) algorithm.receive, which uploads nothing."""
+    algorithm.receive, then with `evaluate` (--eval local) its reported model scored on its
+    test split (an evaluation generator of its own), then with `train` (a sampled client)
+    algorithm.client_update; an unsampled client uploads nothing."""
     generator = torch.Generator().manual_seed(derived_seed(algorithm.args.init_seed, round_index, client_id))
     ctx = ClientContext(client_id, round_index, download, dict(state), data.clients[client_id], generator,
                         algorithm.architecture(client_id))
-    if train:
-        return algorithm.client_update(ctx)
     algorithm.receive(ctx)
-    return ClientResult(client_id, ctx.data.num_samples, {}, ctx.state, {}, ctx.log_lines)
+    evaluation = {}
+    if evaluate:
+        evaluation_generator = torch.Generator().manual_seed(
+            derived_seed(algorithm.args.init_seed, round_index, client_id, "evaluation"))
+        evaluation = client_evaluation(algorithm, dataclasses.replace(ctx, generator=evaluation_generator,
+                                                                      state=dict(ctx.state), log_lines=[]))
+    if train:
+        result = algorithm.client_update(ctx)
+    else:
+        result = ClientResult(client_id, ctx.data.num_samples, {}, ctx.state, {}, ctx.log_lines)
+    result.evaluation = evaluation
+    return result
 
 
 class SerialExecutor:
@@ -65,9 +77,9 @@ class SerialExecutor:
         self.algorithm, self.data = algorithm, data
 
     def run_clients(self, tasks, round_index, progress=False):
-        """tasks: [(client_id, download, state[, train])] -> [ClientResult] in the same order."""
-        return [run_client(self.algorithm, self.data, download, state, client_id, round_index, *train)
-                for client_id, download, state, *train in tqdm(tasks, desc=f"round {round_index} clients",
+        """tasks: [(client_id, download, state[, train[, evaluate]])] -> [ClientResult] in the same order."""
+        return [run_client(self.algorithm, self.data, download, state, client_id, round_index, *flags)
+                for client_id, download, state, *flags in tqdm(tasks, desc=f"round {round_index} clients",
                                                                leave=False, disable=not progress, file=sys.stderr)]
 
     def close(self):

@@ -1,11 +1,16 @@
 """The round loop, and `main`, the entry point of every algorithm script.
 
+    server_state = algorithm.initialise_server(...)               once, before round 0
     for each round r:
         sampled  = seeded draw of int(n_parties * sample_fraction) clients
-        download = algorithm.download(server_state, k)            for each sampled k
-        results  = the sampled clients' algorithm.client_update   (serial, workers or Ray)
+        download = algorithm.download(server_state, k)            for each receiving k: the sampled
+                                                                  ones (all: broadcast_to_all, --eval local)
+        results  = each receiving client's receive, --eval local scoring, and (sampled)
+                   client_update                                  (serial, workers or Ray)
         server_state = algorithm.server_update(server_state, results, server context)
-        evaluate (--eval), log ">> Round r | Current Acc: ..., Best Acc: ...", metrics, checkpoint
+        evaluate (--eval global, groups), log ">> Round r | Current Acc: ..., Best Acc: ...",
+        metrics, checkpoint
+    --eval local: one evaluation-only round R after the last (PFLlib's loop i = 0..R)
 
 Observers (engine/observers.py) see every download and upload; the communication counter is
 always one of them.
@@ -21,9 +26,9 @@ from tqdm import tqdm
 
 import cvdataset
 from engine import registry
-from engine.algorithm import ServerContext, TrainingDiverged, clone_weights
+from engine.algorithm import ClientContext, ServerContext, TrainingDiverged, clone_weights
 from engine.checkpoint import check_same, client_states_from, load_checkpoint, save_checkpoint
-from engine.evaluation import evaluate
+from engine.evaluation import evaluate, summarise_local
 from engine.executors import build_client_side, initial_weights, make_executor  # noqa: F401 (initial_weights re-exported)
 from engine.observers import CommunicationCounter
 from engine.registry import EVAL_PROTOCOLS
@@ -89,7 +94,7 @@ class Run:
         self.server_state = self.algorithm.init_server(self.algorithm.setting.initial_weights[args.model])
         self.client_states = [{} for _ in range(args.n_parties)]
         self.kept_models = {}      # --keep_client_models: every client's last uploaded weights
-        self.start_round, self.best_acc = 0, 0.0
+        self.start_round, self.best_acc, self.best_round = 0, 0.0, None
         self.counter = CommunicationCounter()
         self.observers = [self.counter, *observers]
         self.executor = None
@@ -169,29 +174,58 @@ class Run:
         self.kept_models = to_device(ckpt.get("client_models", {}), self.device)
         self.start_round = ckpt["round"] + 1
         self.best_acc = ckpt["best_acc"]
+        self.best_round = next((r["round"] for r in self.dir.records if r["accuracy"] == self.best_acc), None)
         self.dir.write_config(self.config())
 
     # ------------------------------------------------------------------ the loop
-    def run_round(self, round_index, show):
+    def server_context(self, round_index):
+        return ServerContext(round_index, torch.Generator().manual_seed(
+            derived_seed(self.args.init_seed, round_index, "server")), self.device)
+
+    def initialise(self):
+        """algorithm.initialise_server, once before round 0, with every client's context."""
         a, algorithm = self.args, self.algorithm
-        started = time.perf_counter()
-        sampled = sample_clients(a.init_seed, round_index, a.n_parties, a.sample_fraction)
-        server = ServerContext(round_index, torch.Generator().manual_seed(
-            derived_seed(a.init_seed, round_index, "server")), self.device)
-        receivers = range(a.n_parties) if algorithm.broadcast_to_all else sampled
+        server = self.server_context(-1)
+        contexts = [ClientContext(k, -1, algorithm.download(self.server_state, k), {}, self.data.clients[k],
+                                  torch.Generator().manual_seed(derived_seed(a.init_seed, "initialise", k)),
+                                  algorithm.architecture(k)) for k in range(a.n_parties)]
+        self.server_state = algorithm.initialise_server(self.server_state, contexts, server)
+        for line in server.log_lines:
+            self.dir.log(line)
+
+    def run_clients(self, round_index, sampled, show):
+        """Download to the receiving clients and run them (see the module docstring); returns
+        (downloads, the sampled clients' results, their --eval local scores or None)."""
+        a, algorithm = self.args, self.algorithm
+        local = a.eval == "local"
+        receivers = range(a.n_parties) if algorithm.broadcast_to_all or local else sampled
         downloads = {k: algorithm.download(self.server_state, k) for k in receivers}
         for k in receivers:
             for observer in self.observers:
                 observer.on_download(round_index, k, downloads[k], self.server_state)
         is_sampled = set(sampled)
-        tasks = [(k, downloads[k], self.client_states[k], k in is_sampled) for k in receivers]
-        results = []
-        for result, (k, *_, train) in zip(self.executor.run_clients(tasks, round_index, progress=show), tasks):
+        tasks = [(k, downloads[k], self.client_states[k], k in is_sampled, local) for k in receivers]
+        results, evaluations = [], []
+        for result, (k, *_, train, _) in zip(self.executor.run_clients(tasks, round_index, progress=show), tasks):
             self.client_states[k] = result.state
             for line in result.log_lines:
                 self.dir.log(line)
             if train:
                 results.append(result)
+            evaluations.append(result.evaluation)
+        return downloads, results, summarise_local(evaluations) if local else None
+
+    def log_accuracy(self, round_index, acc, note=""):
+        if acc > self.best_acc or (self.best_round is None and acc >= self.best_acc):
+            self.best_acc, self.best_round = acc, round_index
+        self.dir.log(f">> Round {round_index} | Current Acc: {acc:.5f}, Best Acc: {self.best_acc:.5f}{note}")
+
+    def run_round(self, round_index, show):
+        a, algorithm = self.args, self.algorithm
+        started = time.perf_counter()
+        sampled = sample_clients(a.init_seed, round_index, a.n_parties, a.sample_fraction)
+        server = self.server_context(round_index)
+        downloads, results, local_scores = self.run_clients(round_index, sampled, show)
         for result in results:
             if a.keep_client_models and "weights" in result.upload:
                 self.kept_models[result.client_id] = result.upload["weights"]
@@ -200,10 +234,9 @@ class Run:
         self.server_state = algorithm.server_update(self.server_state, results, server)
         for line in server.log_lines:
             self.dir.log(line)
-        scores = evaluate(a.eval, algorithm, self.server_state, self.client_states, self.data)
+        scores = local_scores or evaluate(a.eval, algorithm, self.server_state, self.data)
         acc = scores.pop("accuracy")
-        self.best_acc = max(self.best_acc, acc)
-        self.dir.log(f">> Round {round_index} | Current Acc: {acc:.5f}, Best Acc: {self.best_acc:.5f}")
+        self.log_accuracy(round_index, acc)
         losses = [r.metrics["train_loss"] for r in results if "train_loss" in r.metrics]
         record = {"round": round_index, "evaluation": a.eval, "accuracy": acc, "best_accuracy": self.best_acc,
                   "train_loss": float(np.mean(losses)) if losses else None,
@@ -213,22 +246,42 @@ class Run:
         record.update(scores)
         self.dir.write_metrics(record)
 
+    def evaluation_round(self, show):
+        """--eval local: round R = comm_round, every client evaluated, nobody trains."""
+        a = self.args
+        started = time.perf_counter()
+        _, _, scores = self.run_clients(a.comm_round, [], show)
+        acc = scores.pop("accuracy")
+        self.log_accuracy(a.comm_round, acc, " (evaluation only)")
+        record = {"round": a.comm_round, "evaluation": a.eval, "evaluation_only": True, "accuracy": acc,
+                  "best_accuracy": self.best_acc, "train_loss": None, "seconds": round(time.perf_counter() - started, 4), "clients": []}
+        for observer in self.observers:
+            record.update(observer.end_round(a.comm_round))
+        record.update(scores)
+        self.dir.write_metrics(record)
+
     def run(self):
         a = self.args
         show = sys.stderr.isatty()
         self.executor = make_executor(self.algorithm_class, self.algorithm, self.data, a,
                                       self.algorithm.setting.initial_weights)
         try:
+            if self.start_round == 0 and not self.dir.records:
+                self.initialise()
             for round_index in tqdm(range(self.start_round, a.comm_round), desc="rounds", disable=not show,
                                     file=sys.stderr, initial=self.start_round, total=a.comm_round):
                 self.run_round(round_index, show)
                 if a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
                                            or round_index == a.comm_round - 1):
                     self.checkpoint(round_index)
+            if a.eval == "local" and (not self.dir.records or self.dir.records[-1]["round"] < a.comm_round):
+                self.evaluation_round(show)
             if self.dir.records:
                 final = self.dir.records[-1]
                 self.dir.log(f">> Final Acc: {final['accuracy']:.5f} (round {final['round']}), "
-                             f"Best Acc: {self.best_acc:.5f} (selected on the test set)")
+                             f"Best Acc: {self.best_acc:.5f} ("
+                             + (f"round {self.best_round}" if self.best_round is not None else "from the warm start")
+                             + ", selected on the test set)")
             if a.save_model:
                 torch.save(self.algorithm.global_weights(self.server_state), self.dir.file("global_model.pt"))
         finally:
@@ -261,6 +314,9 @@ def main(algorithm_class, argv=None, observers=()):
         refuse_unknown_flags(algorithm_class, unknown)
         checkpoint = load_checkpoint(pre.resume) if pre.resume else None
         args = parse_args(parser, argv, checkpoint["config"] if checkpoint else None)
+        if args.eval not in algorithm_class.evaluations:
+            raise UsageError(f"{algorithm_class.name} ends with a model per client: run it with --eval "
+                             f"{' or '.join(algorithm_class.evaluations)} (or --scenario pfllib)")
         algorithm_class.check_args(args)
         if checkpoint is not None:
             if checkpoint["config"].get("algorithm") != algorithm_class.name:

@@ -3,7 +3,7 @@
 A client's update is a pure function of (its download, its state, its data, a seed derived
 from (init_seed, round, client)), so it can run anywhere. Each worker builds its data and its
 algorithm instance once (engine.executors.build_client_side, on the CPU, one torch thread); a
-task then carries only (download, client_state, client_id, round[, train]) and returns the
+task then carries only (download, client_state, client_id, round[, train[, evaluate]]) and returns the
 ClientResult. The per-client state stays with the driver. Results come back in sampled order
 and are bit-for-bit those of the serial run (the serial default is one torch thread too).
 
@@ -197,10 +197,10 @@ class ProcessExecutor:
             raise
 
     def run_clients(self, tasks, round_index, progress=False):
-        """tasks: [(client_id, download, state[, train])] -> [ClientResult] in the same order."""
+        """tasks: [(client_id, download, state[, train[, evaluate]])] -> [ClientResult] in the same order."""
         def submit(worker, task):
-            client_id, download, state, *train = task
-            worker.connection.send_bytes(dumps((download, state, client_id, round_index, *train)))
+            client_id, download, state, *flags = task
+            worker.connection.send_bytes(dumps((download, state, client_id, round_index, *flags)))
             worker.client_id = client_id
             return worker.connection
 
@@ -318,12 +318,12 @@ class RayExecutor:
                              "rerun with --workers 1 to see the error here, then --resume")
 
     def run_clients(self, tasks, round_index, progress=False):
-        """tasks: [(client_id, download, state[, train])] -> [ClientResult] in the same order."""
+        """tasks: [(client_id, download, state[, train[, evaluate]])] -> [ClientResult] in the same order."""
         ray = self.ray
 
         def submit(actor, task):
-            client_id, download, state, *train = task
-            return actor.run_client.remote(dumps((download, state, client_id, round_index, *train)))
+            client_id, download, state, *flags = task
+            return actor.run_client.remote(dumps((download, state, client_id, round_index, *flags)))
 
         def first_done(references):
             while True:       # short waits: Ctrl-C is seen between them, not inside ray.wait

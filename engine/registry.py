@@ -54,6 +54,17 @@ ALGORITHMS = {entry.name: entry for entry in [
     Entry("scaffold", "SCAFFOLD", "scaffold", "SCAFFOLD", "scaffold.py", "baselines"),
     Entry("fednova", "FedNova", "fednova", "FedNova", "fednova.py", "baselines"),
     Entry("fedhug", "FedHUG", "fedhug", "FedHUG", "fedhug.py", "fedhug"),
+    # personalised FL, PFLlib's way (algorithms/personalised/; run with --eval local or --scenario pfllib)
+    Entry("fedavg-ft", "FedAvg+FT", "algorithms.personalised.fedavg_ft", "FedAvgFT", "main.py", "personalised"),
+    Entry("fedper", "FedPer", "algorithms.personalised.fedper", "FedPer", "main.py", "personalised"),
+    Entry("fedrep", "FedRep", "algorithms.personalised.fedrep", "FedRep", "main.py", "personalised"),
+    Entry("lgfedavg", "LG-FedAvg", "algorithms.personalised.lgfedavg", "LGFedAvg", "main.py", "personalised"),
+    Entry("ditto", "Ditto", "algorithms.personalised.ditto", "Ditto", "main.py", "personalised"),
+    Entry("perfedavg", "Per-FedAvg", "algorithms.personalised.perfedavg", "PerFedAvg", "main.py", "personalised"),
+    Entry("fedala", "FedALA", "algorithms.personalised.fedala", "FedALA", "main.py", "personalised"),
+    Entry("fedcp", "FedCP", "algorithms.personalised.fedcp", "FedCP", "main.py", "personalised"),
+    Entry("gpfl", "GPFL", "algorithms.personalised.gpfl", "GPFL", "main.py", "personalised"),
+    Entry("feddbe", "FedDBE", "algorithms.personalised.feddbe", "FedDBE", "main.py", "personalised"),
 ]}
 
 

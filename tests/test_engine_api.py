@@ -19,7 +19,7 @@ import cvdataset
 import tiny_algorithms
 from conftest import ROOT, run_script
 from engine import Observer, main, registry, weighted_average
-from engine.evaluation import evaluate_global, evaluate_groups, evaluate_local
+from engine.evaluation import client_evaluation, evaluate_global, evaluate_groups, summarise_local
 from engine.data import load_federated_data
 from engine.loop import algorithm_parser
 from fedavg import FedAvg
@@ -140,8 +140,9 @@ def test_evaluation_protocols_against_hand_counts():
     tests = [torch.tensor([0, 0, 1]), torch.tensor([1, 1, 1, 0])]
     clients = [SimpleNamespace(test_images=fixture_images(len(y)), test_labels=y, mean=(0.5,), std=(0.5,))
                for y in tests]
-    algorithm = SimpleNamespace(download=lambda state, k: {}, evaluation_model=lambda k, d, s: Constant(k))
-    local = evaluate_local(algorithm, {}, [{}, {}], SimpleNamespace(clients=clients))
+    algorithm = SimpleNamespace(evaluation_model=lambda ctx: Constant(ctx.client_id))
+    local = summarise_local([client_evaluation(algorithm, SimpleNamespace(client_id=k, data=client))
+                             for k, client in enumerate(clients)])
     assert local["accuracy"] == pytest.approx(5 / 7)                   # micro: total correct / total tests
     assert local["client_accuracies"] == pytest.approx([2 / 3, 3 / 4])
     assert local["client_accuracy_std"] == pytest.approx(np.std([2 / 3, 3 / 4]))
@@ -334,14 +335,16 @@ def test_broadcast_reaches_every_client_and_local_evaluation_reports_two_series(
     records, ckpt = run_in_process(tiny_algorithms.Broadcast, tmp_path, "--comm_round", "2", "--sample_fraction",
                                    "0.5", "--num_local_iterations", "30", "--eval", "local", "--workers", workers,
                                    observers=[recorder])
+    assert [r["round"] for r in records] == [0, 1, 2] and records[-1]["evaluation_only"]
     for record in records:
         round_downloads = [k for r, k, _ in recorder.downloads if r == record["round"]]
         round_uploads = [k for r, k, _ in recorder.uploads if r == record["round"]]
-        assert round_downloads == [0, 1, 2, 3] and round_uploads == record["clients"] and len(round_uploads) == 2
-        assert len(record["bytes_downloaded_per_client"]) == 4 and len(record["bytes_uploaded_per_client"]) == 2
+        trained = 0 if record.get("evaluation_only") else 2
+        assert round_downloads == [0, 1, 2, 3] and round_uploads == record["clients"] and len(round_uploads) == trained
+        assert len(record["bytes_downloaded_per_client"]) == 4
+        assert len(record["bytes_uploaded_per_client"]) == trained
+    for k in range(4):       # every client, sampled or not, ran `receive` with round 1's download
+        assert ckpt["client_states"][k]["received"].item() == 1
     last = records[-1]
-    for k in range(4):       # the unsampled clients of the last round ran `receive` with its download
-        if k not in last["clients"]:
-            assert ckpt["client_states"][k]["received"].item() == last["round"]
     assert set(last) >= {"accuracy", "accuracy_initial", "client_accuracies_initial"}
     assert last["accuracy"] != last["accuracy_initial"]

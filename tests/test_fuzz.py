@@ -92,7 +92,8 @@ TRACEBACK = "Traceback (most recent call last)"
 
 # Added to every run unless the flag is drawn (and only where the algorithm has the flag).
 BASE = {"n_parties": 3, "num_local_iterations": 1, "comm_round": 1, "batch_size": 8, "threads": 1,
-        "device": "cpu", "g_steps": 1, "synthesis_batch_size": 10, "start_round": 0}
+        "device": "cpu", "g_steps": 1, "synthesis_batch_size": 10, "start_round": 0,
+        "rand_percent": 1, "ala_max_start_passes": 3}
 
 # ----------------------------------------------------------------------------- the flags
 
@@ -253,7 +254,8 @@ SAFE = {        # small valid values and the flag's own boundaries, drawn beside
 # and wrong types below it are drawn as for any int flag). Epochs stay at 0: one epoch of 3
 # clients at batch 8 is thousands of steps; a huge batch size is a full-batch step (~40 s).
 BOUNDED = {"n_parties": 5, "comm_round": 3, "num_local_iterations": 3, "epochs": 0, "g_steps": 3,
-           "synthesis_batch_size": 64, "ua_entropy_batches": 3, "batch_size": 64}
+           "synthesis_batch_size": 64, "ua_entropy_batches": 3, "batch_size": 64, "plocal_epochs": 3,
+           "ft_epochs": 3, "ala_max_start_passes": 3, "rand_percent": 5}
 NOT_RAY = ["local", "", "Ray", "RAY", " ray", "ray ", "dask", "threads", "none"]
 RESTRICTED = {  # run controls: never Ray, never a path outside the example's tmp folder
     "backend": st.sampled_from(NOT_RAY),
@@ -374,6 +376,8 @@ def prepare_run(case, form, tmp, seed_run):
             if flag not in values:
                 argv += [f"--{flag}", str(value)]
     base = dict(BASE, logdir=os.path.join(cwd, "logs"))
+    if "global" not in entry.load().evaluations:        # personalised methods report under --eval local
+        base["eval"] = "local"
     if os.path.isdir(os.path.join(ROOT, "data")):
         base["datadir"] = os.path.join(ROOT, "data")
     for flag, value in base.items():

@@ -67,19 +67,18 @@ class PartialUpload(Algorithm):
 
 
 class Broadcast(PartialUpload):
-    """PartialUpload whose download reaches every client each round (broadcast_to_all): a client
-    that is not sampled records the round it received; --eval local reports two series, the
-    personal model and the run's initial model."""
+    """PartialUpload whose download reaches every client each round (broadcast_to_all): every
+    client records the round it last received; --eval local reports two series, the personal
+    model and the run's initial model."""
     name = "broadcast"
     broadcast_to_all = True
 
     def receive(self, ctx):
         ctx.state["received"] = torch.tensor(ctx.round)
 
-    def evaluation_model(self, client_id, download, state):
-        architecture = self.architecture(client_id)
-        return {"personal": super().evaluation_model(client_id, download, state),
-                "initial": self.frozen_model("initial", architecture, self.setting.initial_weights[architecture])}
+    def evaluation_model(self, ctx):
+        return {"personal": super().evaluation_model(ctx),
+                "initial": self.frozen_model("initial", ctx.architecture, self.setting.initial_weights[ctx.architecture])}
 
 
 # ----------------------------------------------------------------------------- no weights at all
@@ -134,9 +133,9 @@ class Prototypes(Algorithm):
                                                       if c in r.upload["prototypes"]]).mean(0) for c in classes}
         return server_state
 
-    def evaluation_model(self, client_id, download, state):
-        model = super().evaluation_model(client_id, download, state)
-        return NearestPrototype(model, download["prototypes"], self.num_classes)
+    def evaluation_model(self, ctx):
+        model = super().evaluation_model(ctx)
+        return NearestPrototype(model, ctx.download["prototypes"], self.num_classes)
 
 
 # ----------------------------------------------------------------------------- server-side training
