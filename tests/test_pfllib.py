@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-import cvdataset
 import models
 from conftest import algorithm_args, run_script
 from engine import main
@@ -83,6 +82,15 @@ def test_scenario_settings_and_their_precedence(tmp_path):
     assert algorithm_args(FedAvg).partition == "noniid"                                   # no scenario: as before
 
 
+def test_the_shipped_configs_parse_to_their_scenario():
+    import os
+    from conftest import ROOT
+    args = algorithm_args(FedAvg, "--config", os.path.join(ROOT, "configs", "pfllib.yaml"))
+    assert (args.partition, args.model, args.comm_round, args.eval) == ("pfllib", "fedavgcnn", 20, "local")
+    args = algorithm_args(FedAvg, "--config", os.path.join(ROOT, "configs", "pfl-simplecnn.yaml"))
+    assert (args.partition, args.model, args.n_parties, args.batch_size) == ("noniid", "simplecnn-mnist", 10, 10)
+
+
 def test_fedavgcnn_is_pfllibs_four_layer_cnn():
     model = models.build_model("fedavgcnn", 10, (1, 28, 28))
     assert models.count_parameters(model) == 582_026
@@ -139,7 +147,7 @@ def test_partition_pfllib_needs_the_local_protocol(tmp_path):
 
 def test_fedavg_ft_reports_the_finetuned_and_the_global_model(tmp_path):
     from algorithms.personalised.fedavg_ft import FedAvgFT
-    flags = ["--n_parties", "3", "--num_local_iterations", "2", "--batch_size", "16", "--beta", "0.5",
+    flags = ["--n_parties", "3", "--num_local_iterations", "2", "--batch_size", "64", "--beta", "0.5",
              "--comm_round", "1", "--eval", "local", "--threads", "1", "--logdir", str(tmp_path)]
     assert main(FedAvgFT, flags + ["--log_file_name", "ft"]) == 0
     assert main(FedAvg, flags + ["--log_file_name", "avg"]) == 0

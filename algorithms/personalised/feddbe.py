@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.personalised.fedcp import Optimizers, feature_dim, head_module, refuse_client_models
+from algorithms.personalised.common import Optimizers, feature_dim, head_module, refuse_client_models
 from engine import Algorithm, ClientResult, Flag, main, weighted_average
 from utils import UsageError
 

@@ -56,8 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.personalised.fedcp import (Optimizers, feature_dim, head_module, prefixed, refuse_client_models,
-                                           seeded_reset_, unprefixed)
+from algorithms.personalised.common import (Optimizers, feature_dim, head_module, prefixed, refuse_client_models,
+                                            seeded_reset_, unprefixed)
 from engine import Algorithm, ClientResult, Flag, clone_weights, main, split_head, weighted_average
 from utils import UsageError, derived_seed
 
