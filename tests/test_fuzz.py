@@ -377,8 +377,8 @@ def prepare_run(case, form, tmp, seed_run):
             if flag not in values:
                 argv += [f"--{flag}", str(value)]
     base = dict(BASE, logdir=os.path.join(cwd, "logs"))
-    if "global" not in entry.load().evaluations:        # personalised methods report under --eval local
-        base["eval"] = "local"
+    if "global" not in entry.load().evaluations:        # personalised methods report under --eval local,
+        base.update(eval="local", train_ratio=0.05)      # small training splits: an epoch is ~110 steps
     if os.path.isdir(os.path.join(ROOT, "data")):
         base["datadir"] = os.path.join(ROOT, "data")
     for flag, value in base.items():
