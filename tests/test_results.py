@@ -273,3 +273,16 @@ def test_run_sh_tiny_comparison(tmp_path):
     assert other.returncode == 2
     assert "runs/fedavg_seed0 holds a run made with other flags" in other.stderr
     assert (out / "fedavg_seed0.log").read_text() == before
+
+
+def test_run_sh_pfl_profile_runs_the_personalised_comparison(tmp_path):
+    """--profile pfl: PFLlib's scenario (here with SimpleCNN and small training splits to stay
+    short), rounds 0..R evaluated on local tests, the table in its own setting folder."""
+    result = run("bash", "run.sh", "--profile", "pfl", "--model", "simplecnn-mnist", "--algorithms", "fedper",
+                 "--rounds", "1", "--", "--train_ratio", "0.05", timeout=300, env={"LOGROOT": str(tmp_path)})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "profile pfl (--scenario pfllib)" in result.stdout
+    out = tmp_path / "pfl_fashionmnist_pfllib_20clients_simplecnn-mnist"
+    log = (out / "fedper_seed0.log").read_text()
+    assert "evaluation: local" in log and ">> Round 1 | Current Acc: " in log and "(evaluation only)" in log
+    assert "| FedPer | " in (out / "table.md").read_text()
