@@ -9,8 +9,8 @@ itself is FedAvg, round for round. Both series are recorded: "finetuned" (the he
 "global" (FedAvg's own number), so one run gives both rows of the personalised comparison.
 
 This is the usual "FedAvg + local fine-tuning" baseline of personalised FL (e.g. Wang et al.
-2019, "Federated Evaluation of On-device Personalization"; PFLlib's FedAvg-FT scripts); the
-fine-tuning draws from an evaluation generator of its own, so it changes no training draw.
+2019, "Federated Evaluation of On-device Personalization", arXiv:1910.10252); the fine-tuning
+draws from an evaluation generator of its own, so it changes no training draw.
 """
 import sys
 
