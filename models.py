@@ -68,7 +68,6 @@ class FedAvgCNN(nn.Module):
 
     def __init__(self, in_channels, flat_dim, num_classes, dim=512):
         super().__init__()
-        self.input_shape = None
         self.num_classes = num_classes
         self.base = nn.Sequential()
         self.base.add_module("conv1", nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2)))
