@@ -235,28 +235,25 @@ class Run:
         for line in server.log_lines:
             self.dir.log(line)
         scores = local_scores or evaluate(a.eval, algorithm, self.server_state, self.data)
-        acc = scores.pop("accuracy")
-        self.log_accuracy(round_index, acc)
         losses = [r.metrics["train_loss"] for r in results if "train_loss" in r.metrics]
-        record = {"round": round_index, "evaluation": a.eval, "accuracy": acc, "best_accuracy": self.best_acc,
-                  "train_loss": float(np.mean(losses)) if losses else None,
-                  "seconds": round(time.perf_counter() - started, 4), "clients": sampled}
-        for observer in self.observers:
-            record.update(observer.end_round(round_index))
-        record.update(scores)
-        self.dir.write_metrics(record)
+        self.record_round(round_index, scores, started, sampled, float(np.mean(losses)) if losses else None)
 
     def evaluation_round(self, show):
         """--eval local: round R = comm_round, every client evaluated, nobody trains."""
-        a = self.args
         started = time.perf_counter()
-        _, _, scores = self.run_clients(a.comm_round, [], show)
+        _, _, scores = self.run_clients(self.args.comm_round, [], show)
+        self.record_round(self.args.comm_round, scores, started, [], None, " (evaluation only)", evaluation_only=True)
+
+    def record_round(self, round_index, scores, started, clients, train_loss, note="", **fields):
+        """The round's log line and metrics record: its accuracy, the observers' figures and the
+        protocol's details (`scores`), `fields` (e.g. evaluation_only) after the protocol's name."""
         acc = scores.pop("accuracy")
-        self.log_accuracy(a.comm_round, acc, " (evaluation only)")
-        record = {"round": a.comm_round, "evaluation": a.eval, "evaluation_only": True, "accuracy": acc,
-                  "best_accuracy": self.best_acc, "train_loss": None, "seconds": round(time.perf_counter() - started, 4), "clients": []}
+        self.log_accuracy(round_index, acc, note)
+        record = {"round": round_index, "evaluation": self.args.eval, **fields, "accuracy": acc,
+                  "best_accuracy": self.best_acc, "train_loss": train_loss,
+                  "seconds": round(time.perf_counter() - started, 4), "clients": clients}
         for observer in self.observers:
-            record.update(observer.end_round(a.comm_round))
+            record.update(observer.end_round(round_index))
         record.update(scores)
         self.dir.write_metrics(record)
 
