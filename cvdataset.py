@@ -455,6 +455,36 @@ def format_class_counts(counts):
     return "\n".join([head] + rows)
 
 
+def class_counts_svg(counts, title=""):
+    """The class-count matrix as an SVG heatmap (client rows x class columns, darker = more
+    samples, each cell labelled with its count): written into every run directory as
+    partition.svg, readable in a browser or a README without plotting packages."""
+    counts = [[int(v) for v in row] for row in counts]
+    cell, left, top = 34, 64, 48
+    largest = max(1, max(max(row) for row in counts))
+    width, height = left + cell * len(counts[0]) + 10, top + cell * len(counts) + 10
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+             f'font-family="sans-serif" font-size="10">',
+             f'<text x="{left}" y="14" font-size="12">{title} (samples per client and class)</text>',
+             f'<text x="{left}" y="{top - 18}">class</text>',
+             f'<text x="4" y="{top - 4}">client</text>']
+    for c in range(len(counts[0])):
+        parts.append(f'<text x="{left + c * cell + cell // 2}" y="{top - 4}" text-anchor="middle">{c}</text>')
+    for k, row in enumerate(counts):
+        y = top + k * cell
+        parts.append(f'<text x="{left - 6}" y="{y + cell // 2 + 4}" text-anchor="end">{k}</text>')
+        for c, value in enumerate(row):
+            shade = value / largest               # white (0) to dark blue (the largest count)
+            rgb = tuple(round(255 - shade * (255 - channel)) for channel in (8, 48, 107))
+            ink = "white" if shade > 0.5 else "black"
+            parts.append(f'<rect x="{left + c * cell}" y="{y}" width="{cell}" height="{cell}" '
+                         f'fill="rgb{rgb}" stroke="#ddd"/>')
+            parts.append(f'<text x="{left + c * cell + cell // 2}" y="{y + cell // 2 + 4}" text-anchor="middle" '
+                         f'fill="{ink}">{value}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts) + "\n"
+
+
 def main(argv=None):
     import argparse
     from utils import setup_seed

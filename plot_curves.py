@@ -1,5 +1,6 @@
 """Test accuracy against round, one curve per algorithm: the mean over seeds as a line and
-the min-max range over seeds as a shaded band; one panel per setting.
+the min-max range over seeds as a shaded band; one panel per setting; the last 10 rounds (the
+window of the table's stability columns) shaded grey.
 
     python plot_curves.py log/fashionmnist_noniid_beta0.1 -o curves.png
     python plot_curves.py log/ -o all_settings.png
@@ -51,6 +52,10 @@ def plot(comparison, title=None):
             ax.plot(rounds, mean, label=label, color=color, linewidth=1.5)
             if len(runs) > 1:
                 ax.fill_between(rounds, low, high, color=color, alpha=0.2, linewidth=0)
+        last = max((run.rounds[-1] for (s, _), runs in comparison.cells.items() if s == setting for run in runs))
+        window_start = max(0, last - tables.LAST_ROUNDS + 1)
+        ax.axvspan(window_start - 0.5, last + 0.5, color="0.85", alpha=0.5, linewidth=0, zorder=0,
+                   label=f"last {tables.LAST_ROUNDS} rounds (table's stability columns)")
         ax.set_title(setting)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -14,17 +14,21 @@ moon, scaffold, fednova and fedhug) on one partition and seed(s), then writes th
 table and the accuracy-vs-round curves.
 
 options (each also read from the environment variable in capitals; a flag wins):
-  --profile quick|paper|pfl
-                         quick (default): 15 rounds x 25 local iterations, FedHUG from
-                         round 10 with --g_steps 30 --synthesis_batch_size 64 (about
-                         7 minutes on 2 idle CPU cores); paper: the FedHUG paper's settings,
-                         70 rounds x 100 iterations, FedHUG from round 50, --g_steps 500,
-                         --synthesis_batch_size 256 (hours on a CPU); pfl: the personalised
-                         comparison under PFLlib's scenario (--scenario pfllib: merged
-                         Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10, lr 0.005,
-                         1 epoch a round, every client scored on its own test split),
-                         FedAvg, FedAvg+FT and the personalised family, 20 rounds (about a
-                         minute a round and algorithm on one idle core; PFLlib runs 2000)
+  --profile default|paper|quick|pfl
+                         default: the seed's comparison at the FedHUG paper's setting (70
+                         rounds x 100 local iterations, FedHUG from round 50 with a budget of
+                         256) with FedHUG's synthesis at --g_steps 50 instead of the paper's
+                         500, so the whole table fits in about half an hour on 2 CPU cores
+                         (see README); paper: the same with --g_steps 500 (FedHUG's 20
+                         synthesis rounds take hours on a CPU); quick: a smoke test, 15
+                         rounds x 25 iterations, FedHUG from round 10 with --g_steps 30 and a
+                         budget of 64 (a few minutes; its table says it compares nothing);
+                         pfl: the personalised comparison under PFLlib's scenario (--scenario
+                         pfllib: merged Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10,
+                         lr 0.005, 1 epoch a round, every client scored on its own test
+                         split), FedAvg, FedAvg+FT and the personalised family, 20 rounds
+                         (about a minute a round and algorithm on one idle core; PFLlib runs
+                         2000)
   --dataset NAME         fashionmnist (default), cifar10, cifar100
   --partition NAME       noniid (default), iid, noniid-skew-K; pfllib (the pfl profile's default)
   --model NAME           the model of every script (default: the dataset's, or the pfl
@@ -40,23 +44,36 @@ options (each also read from the environment variable in capitals; a flag wins):
   --algorithms "A ..."   any names of python main.py --list, e.g. "fedavg fedhug"
                          (default: the seven of the FedHUG paper's table; with the pfl
                          profile FedAvg, FedAvg+FT and the personalised family)
+  --workers N            worker processes running the clients of a round (default: the
+                         CPU cores, at most --n_parties; 1 when a CUDA GPU is present);
+                         results are identical to a serial run
   --logroot DIR          output folder (default: log/ beside run.sh)
   --fresh                start this invocation's runs over instead of continuing them
   -h, --help             this text
   -- FLAGS               passed to every script, e.g. -- --workers 2
 
-outputs, for the setting S = <dataset>_<partition>[_beta<B>][_<N>clients]:
+outputs, for the setting S = [<profile>_]<dataset>_<partition>[_beta<B>][_<N>clients][_<model>]
+(no profile prefix for the default profile):
   LOGROOT/S/<algorithm>_seed<s>.log   what the script printed (its >> Round lines)
-  LOGROOT/S/runs/<algorithm>_seed<s>/ its run directory (log.txt, metrics.jsonl, config.yaml)
-  LOGROOT/S/table.md, LOGROOT/S/curves.png   built from every log in LOGROOT/S
+  LOGROOT/S/runs/<algorithm>_seed<s>/ its run directory (log.txt, metrics.jsonl, config.yaml,
+                                      partition.svg; FedHUG's synthetic.png, drift_budget.png)
+  LOGROOT/S/table.md, table.csv, table.tex   final and best accuracy, last-10 mean and std,
+                                      MB up and down a round, seconds a round (mean ± std over seeds)
+  LOGROOT/S/curves.png                accuracy per round, the last 10 rounds shaded
+  LOGROOT/S/partition_seed<s>.svg     the clients' class counts of each seed's partition
+
+FedHUG is FedAvg before --start_round, so when both run, FedHUG continues from FedAvg's
+checkpoint after round start_round-1 of the same seed instead of recomputing those rounds
+(its log shows FedAvg's round lines for them; tests/test_main_job.py proves the result is
+identical to recomputing them).
 
 A run already in LOGROOT/S/runs is continued from its checkpoint (a finished one is only
-re-read); one made with other flags stops run.sh: use another LOGROOT (e.g.
---logroot log-paper for the paper profile) or --fresh. A script that does not exist yet is
-skipped with a note.
+re-read); one made with other flags (e.g. other --rounds) stops run.sh: use another
+--logroot or --fresh. A script that does not exist yet is skipped with a note.
 
 examples:
-  bash run.sh
+  bash run.sh                                                     # the seed's table, ~30 min
+  bash run.sh --profile quick                                     # a smoke test, minutes
   bash run.sh --profile paper --seeds "0 1 2" --beta 0.5
   ROUNDS=2 ITERS=5 ALGORITHMS="fedavg fedavgm" LOGROOT=/tmp/log bash run.sh
   bash run.sh --profile pfl --seeds "0 1 2"                       # PFLlib's scenario
@@ -95,6 +112,7 @@ while [ $# -gt 0 ]; do
         --g_steps) variable=G_STEPS ;;
         --budget) variable=BUDGET ;;
         --algorithms) variable=ALGORITHMS ;;
+        --workers) variable=WORKERS ;;
         --logroot) variable=LOGROOT ;;
         -*) die "unknown option '$option' (see bash run.sh --help)" ;;
         *) die "unexpected argument '$1' (options start with --; see bash run.sh --help)" ;;
@@ -109,13 +127,14 @@ while [ $# -gt 0 ]; do
     printf -v "$variable" '%s' "$value"
 done
 
-PROFILE="${PROFILE:-quick}"
+PROFILE="${PROFILE:-default}"
 case "$PROFILE" in
+    default) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=50 profile_budget=256 ;;
     quick) profile_rounds=15 profile_iters=25 profile_start_round=10 profile_g_steps=30 profile_budget=64 ;;
     paper) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=500 profile_budget=256 ;;
     pfl) profile_rounds=20 profile_iters=100 profile_start_round=0 profile_g_steps=30 profile_budget=64
          DEFAULT_ALGORITHMS="$PFL_ALGORITHMS" PARTITION="${PARTITION:-pfllib}" N_PARTIES="${N_PARTIES:-20}" ;;
-    *) die "unknown profile '$PROFILE'; choose quick, paper or pfl" ;;
+    *) die "unknown profile '$PROFILE'; choose default, paper, quick or pfl" ;;
 esac
 DATASET="${DATASET:-fashionmnist}"
 PARTITION="${PARTITION:-noniid}"
@@ -133,10 +152,16 @@ LOGROOT="${LOGROOT:-$here/log}"
 [[ "$LOGROOT" == /* ]] || LOGROOT="$PWD/$LOGROOT"      # relative to where run.sh was called from
 FRESH="${FRESH:-0}"
 
-for name in N_PARTIES ROUNDS ITERS START_ROUND G_STEPS BUDGET; do
+if [ -z "${WORKERS:-}" ]; then                 # every core, unless a CUDA GPU runs the clients
+    WORKERS="$(nproc 2>/dev/null || echo 1)"
+    command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && WORKERS=1
+    [[ "$N_PARTIES" =~ ^[0-9]+$ ]] && [ "$WORKERS" -gt "$N_PARTIES" ] && WORKERS="$N_PARTIES"
+fi
+for name in N_PARTIES ROUNDS ITERS START_ROUND G_STEPS BUDGET WORKERS; do
     [[ "${!name}" =~ ^[0-9]+$ ]] || die "$name must be a whole number (got '${!name}')"
 done
 [ -n "${SEEDS// /}" ] || die "SEEDS is empty; give one or more whole numbers, e.g. \"0 1 2\""
+[ "$WORKERS" -ge 1 ] || die "WORKERS must be at least 1 (got '$WORKERS')"
 for seed in $SEEDS; do
     [[ "$seed" =~ ^[0-9]+$ ]] || die "seeds must be whole numbers (got '$seed' in SEEDS=\"$SEEDS\")"
 done
@@ -153,12 +178,13 @@ setting="${DATASET}_${PARTITION}"
 [ "$PARTITION" = noniid ] && setting+="_beta${BETA}"
 [ "$N_PARTIES" = 10 ] || setting+="_${N_PARTIES}clients"
 [ -n "$MODEL" ] && setting+="_${MODEL}"
-[ "$PROFILE" = pfl ] && setting="pfl_${setting}"
+[ "$PROFILE" = default ] || setting="${PROFILE}_${setting}"     # each profile's runs in their own folder
 out="$LOGROOT/$setting"
 mkdir -p "$out/runs"
 
 common_flags=(--dataset "$DATASET" --partition "$PARTITION" --beta "$BETA" --n_parties "$N_PARTIES"
-              --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS")
+              --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS"
+              --workers "$WORKERS")
 [ "$PROFILE" = pfl ] && common_flags=(--scenario pfllib "${common_flags[@]}")     # its batch, lr, epochs, eval
 [ -n "$MODEL" ] && common_flags+=(--model "$MODEL")
 
@@ -171,19 +197,47 @@ algorithm_command() {
     fi
 }
 
-if [ "$PROFILE" = pfl ]; then
-    echo "run.sh: profile pfl (--scenario pfllib), setting $setting, seeds $SEEDS, $ROUNDS rounds x 1 epoch, output $out"
-else
-    echo "run.sh: profile $PROFILE, setting $setting, seeds $SEEDS, $ROUNDS rounds x $ITERS local iterations, output $out"
+# FedHUG is FedAvg before --start_round: with both in the list, FedAvg keeps its checkpoint
+# after round START_ROUND-1 (and every client's model, FedHUG's drift reference) and FedHUG
+# continues from it.
+warm_fedhug=0
+if [[ " $ALGORITHMS " == *" fedhug "* && " $ALGORITHMS " == *" fedavg "* ]] \
+        && [ "$START_ROUND" -gt 0 ] && [ "$START_ROUND" -le "$ROUNDS" ]; then
+    warm_fedhug=1
 fi
+snapshot_round=$((START_ROUND - 1))
+
+case "$PROFILE" in
+    pfl) title="profile pfl (--scenario pfllib), $ROUNDS rounds x 1 epoch" ;;
+    quick) title="SMOKE TEST (profile quick: $ROUNDS rounds x $ITERS local iterations, FedHUG from round $START_ROUND with $G_STEPS synthesis steps): far from convergence, it compares nothing; bash run.sh gives the real table" ;;
+    *) title="profile $PROFILE: $ROUNDS rounds x $ITERS local iterations, FedHUG from round $START_ROUND with $G_STEPS synthesis steps and a budget of $BUDGET" ;;
+esac
+echo "run.sh: $title; setting $setting, seeds $SEEDS, $WORKERS worker(s), output $out"
 if [[ " $ALGORITHMS " == *" fedhug "* ]] && [ "$START_ROUND" -ge "$ROUNDS" ]; then
     echo "run.sh: note: FedHUG starts synthesis at round $START_ROUND >= $ROUNDS rounds, so it runs as FedAvg (set START_ROUND)"
 fi
+
+# the job's progress bar (engine/progress.py) goes to this stderr when it is a terminal, never into a log
+runs_in_all=0 units_in_all=0
+for seed in $SEEDS; do
+    for algorithm in $ALGORITHMS; do
+        runs_in_all=$((runs_in_all + 1))
+        if [ "$algorithm" = fedhug ] && [ "$warm_fedhug" = 1 ]; then
+            units_in_all=$((units_in_all + ROUNDS - START_ROUND))
+        else
+            units_in_all=$((units_in_all + ROUNDS))
+        fi
+    done
+done
+exec 3>&2
+job_start="$(date +%s)"
+run_index=0 units_done=0
 
 started=$SECONDS
 failed=()
 for seed in $SEEDS; do
     for algorithm in $ALGORITHMS; do
+        run_index=$((run_index + 1))
         mapfile -t command < <(algorithm_command "$algorithm")
         if [ ! -f "${command[0]}" ]; then
             echo "run.sh: note: ${command[0]} does not exist yet; skipping $algorithm"
@@ -201,31 +255,56 @@ for seed in $SEEDS; do
         elif [ -d "$run_dir" ]; then
             rm -rf "$run_dir"                    # no round finished: nothing to keep
         fi
+        warm=() units="$ROUNDS"
+        if [ "$warm_fedhug" = 1 ] && [ "$algorithm" = fedavg ]; then
+            warm=(--keep_client_models --snapshot_rounds "$snapshot_round")
+        elif [ "$warm_fedhug" = 1 ] && [ "$algorithm" = fedhug ]; then
+            snapshot="$out/runs/fedavg_seed${seed}/checkpoint_round${snapshot_round}.pt"
+            if [ ${#resume[@]} -gt 0 ] && grep -q "^warm start: rounds" "$run_dir/log.txt" 2>/dev/null; then
+                units=$((ROUNDS - START_ROUND))  # a warm-started run, continued
+            elif [ ${#resume[@]} -eq 0 ] && [ -f "$snapshot" ]; then
+                warm=(--load_path "$snapshot")
+                units=$((ROUNDS - START_ROUND))
+            elif [ ${#resume[@]} -eq 0 ]; then
+                echo "run.sh: note: no FedAvg checkpoint after round $snapshot_round for seed $seed ($snapshot); FedHUG computes rounds 0-$snapshot_round itself"
+                units_in_all=$((units_in_all + START_ROUND))
+            fi
+        fi
         [ -f "$log" ] && cp "$log" "$log.previous"
-        echo "run.sh: === $algorithm, seed $seed${resume:+ (continuing $run_dir)} ==="
+        echo "run.sh: === $algorithm, seed $seed${resume:+ (continuing $run_dir)}${warm:+ (${warm[*]})} ==="
         status=0
-        python -u "${command[@]}" "${common_flags[@]}" --init_seed "$seed" \
-            --logdir "$out/runs" --log_file_name "$name" "${resume[@]}" "${extra_flags[@]}" 2>&1 \
+        progress=()
+        [ -t 3 ] && progress=(FL_JOB="$run_index $runs_in_all $units_done $units_in_all $job_start $algorithm seed $seed" FL_JOB_FD=3)
+        env "${progress[@]}" python -u "${command[@]}" "${common_flags[@]}" --init_seed "$seed" \
+            --logdir "$out/runs" --log_file_name "$name" "${resume[@]}" "${warm[@]}" "${extra_flags[@]}" 2>&1 \
             | tee "$log" || status=$?
+        units_done=$((units_done + units))
         if [ "$status" -eq 2 ]; then             # bad flags: nothing ran, keep the earlier log
             [ -f "$log.previous" ] && mv "$log.previous" "$log"
             if [ ${#resume[@]} -gt 0 ]; then
-                die "$run_dir holds a run made with other flags (above); use another --logroot (e.g. log-$PROFILE) or --fresh"
+                die "$run_dir holds a run made with other flags (above); use another --logroot or --fresh"
             fi
             die "$algorithm refused its flags (above)"
         fi
         rm -f "$log.previous"
         [ "$status" -eq 130 ] && die "interrupted; bash run.sh again continues from the checkpoints"
         [ "$status" -eq 0 ] || failed+=("$algorithm seed $seed (exit $status, see $log)")
+        [ -f "$run_dir/partition.svg" ] && [ ! -f "$out/partition_seed${seed}.svg" ] \
+            && cp "$run_dir/partition.svg" "$out/partition_seed${seed}.svg"
+        if [ "$algorithm" = fedhug ] && [ -f "$run_dir/metrics.jsonl" ]; then
+            python plot_run.py "$run_dir" || true
+        fi
     done
 done
 
 # ----------------------------------------------------------------------------- results
 if compgen -G "$out/*.log" >/dev/null; then
     echo
-    python tables.py "$out" --output "$out/table.md"
+    python tables.py "$out" --title "$title" --output "$out/table.md"
+    python tables.py "$out" --format csv --output "$out/table.csv" >/dev/null
+    python tables.py "$out" --format latex --title "$title" --output "$out/table.tex" >/dev/null
     python plot_curves.py "$out" -o "$out/curves.png"
-    echo "run.sh: table $out/table.md, curves $out/curves.png"
+    echo "run.sh: tables $out/table.md (.csv, .tex), curves $out/curves.png"
 else
     echo "run.sh: no logs in $out, so no table"
 fi

@@ -30,6 +30,7 @@ SEED_SUFFIX = re.compile(r"^(?P<algorithm>.+?)_seed(?P<seed>\d+)$")
 ALGORITHM_NAMES = {entry.name: entry.display for entry in registry.ALGORITHMS.values()}
 EVALUATION_LINE = re.compile(r"^evaluation: (\w+) \((.*)\)$")
 
+LAST_ROUNDS = 10     # the window of the stability columns
 FINAL_TITLE = "Final-round test accuracy (%)"
 BEST_TITLE = "Best-round test accuracy (%): best round (selected on the test set)"
 
@@ -66,6 +67,7 @@ class RunCurve:
     rounds: list
     accuracies: list
     evaluation: str = "global"     # the protocol (--eval); published-format logs are "global"
+    records: list = None           # its metrics.jsonl records when its run directory is found (bytes, seconds)
 
     @property
     def final(self):
@@ -79,6 +81,43 @@ class RunCurve:
     def num_rounds(self):
         """Rounds run, counted from the logged round numbers (which start at 0)."""
         return self.rounds[-1] + 1
+
+    @property
+    def best_round(self):
+        """The first round that reached the best accuracy."""
+        return self.rounds[self.accuracies.index(self.best)]
+
+    @property
+    def last_window(self):
+        """The accuracies of the last LAST_ROUNDS logged rounds (all of them in a shorter run)."""
+        return self.accuracies[-LAST_ROUNDS:]
+
+    @property
+    def last_mean(self):
+        return statistics.fmean(self.last_window)
+
+    @property
+    def last_std(self):
+        """Sample std (ddof=1) of the accuracy over the last rounds: the round-to-round swing."""
+        window = self.last_window
+        return statistics.stdev(window) if len(window) > 1 else 0.0
+
+    def per_round(self, key, scale=1.0):
+        """Mean over the training rounds of a metrics record field (None without records)."""
+        values = [r[key] for r in self.records or () if not r.get("evaluation_only") and r.get(key) is not None]
+        return statistics.fmean(values) * scale if values else None
+
+    @property
+    def mb_up(self):
+        return self.per_round("bytes_uploaded", 1e-6)
+
+    @property
+    def mb_down(self):
+        return self.per_round("bytes_downloaded", 1e-6)
+
+    @property
+    def seconds(self):
+        return self.per_round("seconds")
 
 
 class NoLogs(Exception):
@@ -103,8 +142,19 @@ def curve_from_rounds(by_round, setting, stem, path, evaluation="global"):
     return RunCurve(setting, algorithm, seed, path, rounds, [by_round[r] for r in rounds], evaluation)
 
 
+def read_records(run_dir):
+    """The metrics records of a run directory ([] when it has none)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_log(path, setting):
-    """A RunCurve from the `>> Round` lines of a text log, or None when it has none."""
+    """A RunCurve from the `>> Round` lines of a text log, or None when it has none. Its
+    metrics records (bytes, seconds) come from the run directory run.sh puts beside it
+    (runs/<log name>/), when there is one."""
     by_round, evaluation = {}, "global"
     with open(path, errors="replace") as f:
         for line in f:
@@ -115,21 +165,24 @@ def read_log(path, setting):
                 by_round[int(match[1])] = float(match[2])
     if not by_round:
         return None
-    return curve_from_rounds(by_round, setting, os.path.splitext(os.path.basename(path))[0], path, evaluation)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    curve = curve_from_rounds(by_round, setting, stem, path, evaluation)
+    curve.records = read_records(os.path.join(os.path.dirname(path), "runs", stem)) or None
+    return curve
 
 
 def read_run_dir(path, setting):
     """A RunCurve from a run directory's metrics.jsonl (one JSON record a round)."""
     by_round, evaluation = {}, "global"
-    with open(os.path.join(path, "metrics.jsonl")) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_round[int(record["round"])] = float(record["accuracy"])
-                evaluation = record.get("evaluation", "global")
+    records = read_records(path)
+    for record in records:
+        by_round[int(record["round"])] = float(record["accuracy"])
+        evaluation = record.get("evaluation", "global")
     if not by_round:
         return None
-    return curve_from_rounds(by_round, setting, os.path.basename(os.path.normpath(path)), path, evaluation)
+    curve = curve_from_rounds(by_round, setting, os.path.basename(os.path.normpath(path)), path, evaluation)
+    curve.records = records
+    return curve
 
 
 def setting_of(folder, group_by):
@@ -240,6 +293,48 @@ class Comparison:
         return rows
 
 
+# The per-setting table: (column, RunCurve attribute, scale, decimals). Accuracies in percent.
+DETAIL_COLUMNS = [("final", "final", 100, 2), ("best", "best", 100, 2), ("best round", "best_round", 1, 1),
+                  (f"last-{LAST_ROUNDS} mean", "last_mean", 100, 2), (f"last-{LAST_ROUNDS} std", "last_std", 100, 2),
+                  ("MB up / round", "mb_up", 1, 3), ("MB down / round", "mb_down", 1, 3),
+                  ("s / round", "seconds", 1, 2)]
+DETAILS_NOTE = (f"last-{LAST_ROUNDS} mean / std: mean and sample std (ddof=1) of a run's accuracy over its last "
+                f"{LAST_ROUNDS} logged rounds (std = the round-to-round swing), then mean ± std over seeds; "
+                "best round: the first round reaching the best accuracy; MB (10^6 bytes) up / down: all clients' "
+                "uploads / downloads in a round, mean over training rounds; s / round: wall-clock seconds of a "
+                "round (local training, aggregation, evaluation), mean over rounds (rounds taken over by a warm "
+                "start count with the seconds of the run they come from); – : no run directory (bytes and "
+                "seconds are read from metrics.jsonl)")
+
+
+def detail_cell(runs, attribute, scale, decimals):
+    """mean ± std (ddof=1) over the runs of one attribute; '' when no run has it."""
+    values = [getattr(run, attribute) for run in runs]
+    values = [v * scale for v in values if v is not None]
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.0f}" if attribute == "best_round" else f"{mean:.{decimals}f}"
+    return f"{mean:.{decimals}f} ± {statistics.stdev(values):.{decimals}f}"
+
+
+def details_rows(comparison, setting):
+    """(algorithm, [cell texts]) of every algorithm that has runs in `setting`."""
+    rows = []
+    for algorithm in comparison.algorithms:
+        runs = comparison.cells.get((setting, algorithm))
+        if runs:
+            rows.append((algorithm, [detail_cell(runs, attr, scale, dec) for _, attr, scale, dec in DETAIL_COLUMNS]))
+    return rows
+
+
+def details_title(comparison, setting):
+    runs = [run for (s, _), cell in comparison.cells.items() if s == setting for run in cell]
+    return (f"{setting}: stability, communication and time ({span(run.num_rounds for run in runs)} rounds, "
+            f"{span(len(cell) for (s, _), cell in comparison.cells.items() if s == setting)} seed(s))")
+
+
 # ----------------------------------------------------------------------------- formats
 
 def to_markdown(comparison):
@@ -251,7 +346,14 @@ def to_markdown(comparison):
         for algorithm, row in zip(comparison.algorithms, comparison.grid(metric)):
             lines.append(f"| {display_name(algorithm)} | " + " | ".join(c or "–" for c in row) + " |")
         parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n\n" + comparison.footnote() + "\n"
+    for setting in comparison.settings:
+        lines = [f"### {details_title(comparison, setting)}", "",
+                 "| algorithm | " + " | ".join(name for name, *_ in DETAIL_COLUMNS) + " |",
+                 "|---|" + "---:|" * len(DETAIL_COLUMNS)]
+        for algorithm, cells in details_rows(comparison, setting):
+            lines.append(f"| {display_name(algorithm)} | " + " | ".join(c or "–" for c in cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n\n" + comparison.footnote() + "\n\n" + DETAILS_NOTE + "\n"
 
 
 def latex_escape(text):
@@ -272,23 +374,42 @@ def to_latex(comparison):
             lines.append(f"{latex_escape(display_name(algorithm))} & " + " & ".join(cells) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
         parts.append("\n".join(lines))
-    return f"% {comparison.footnote()}\n" + "\n\n".join(parts) + "\n"
+    for setting in comparison.settings:
+        lines = [r"\begin{table}[t]", r"\centering", rf"\caption{{{latex_escape(details_title(comparison, setting))}}}",
+                 r"\begin{tabular}{l" + "c" * len(DETAIL_COLUMNS) + "}", r"\toprule",
+                 "Algorithm & " + " & ".join(latex_escape(name) for name, *_ in DETAIL_COLUMNS) + r" \\",
+                 r"\midrule"]
+        for algorithm, cells in details_rows(comparison, setting):
+            cells = ["$" + c.replace("±", r"\pm") + "$" if c else "--" for c in cells]
+            lines.append(f"{latex_escape(display_name(algorithm))} & " + " & ".join(cells) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+        parts.append("\n".join(lines))
+    return f"% {comparison.footnote()}\n% {DETAILS_NOTE}\n" + "\n\n".join(parts) + "\n"
 
 
 def to_csv(comparison):
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["metric", "setting", "algorithm", "evaluation", "runs", "mean", "std", "rounds"])
-    for metric in ("final", "best"):
+    for metric, attribute, scale in [("final", "final", 100), ("best", "best", 100)] + [
+            (CSV_NAMES[attribute], attribute, scale) for _, attribute, scale, _ in DETAIL_COLUMNS[2:]]:
         for algorithm in comparison.algorithms:
             for setting in comparison.settings:
                 runs = comparison.cells.get((setting, algorithm))
-                if not runs:
+                values = [getattr(run, attribute) for run in runs or ()]
+                values = [v * scale for v in values if v is not None]
+                if not values:
                     continue
-                mean, std = summarise(comparison.values(metric, setting, algorithm))
-                writer.writerow([metric, setting, algorithm, runs[0].evaluation, len(runs), f"{mean:.4f}",
-                                 "" if std is None else f"{std:.4f}", span(run.num_rounds for run in runs)])
+                std = statistics.stdev(values) if len(values) > 1 else None
+                writer.writerow([metric, setting, algorithm, runs[0].evaluation, len(values),
+                                 f"{statistics.fmean(values):.4f}", "" if std is None else f"{std:.4f}",
+                                 span(run.num_rounds for run in runs)])
     return out.getvalue()
+
+
+# csv metric names of the per-setting columns (accuracies in percent, MB = 10^6 bytes)
+CSV_NAMES = {"best_round": "best_round", "last_mean": f"last{LAST_ROUNDS}_mean", "last_std": f"last{LAST_ROUNDS}_std",
+             "mb_up": "mb_up_per_round", "mb_down": "mb_down_per_round", "seconds": "seconds_per_round"}
 
 
 FORMATS = {"markdown": to_markdown, "csv": to_csv, "latex": to_latex}
@@ -304,6 +425,8 @@ def main(argv=None):
     parser.add_argument("--output", "-o", help="also write the table to this file")
     parser.add_argument("--group_by", choices=("folder", "path"), default="folder",
                         help="how a log's setting (table column) is named (default: folder)")
+    parser.add_argument("--title", help="a line printed above the tables (markdown, latex), e.g. what profile "
+                        "made the runs")
     args = parser.parse_args(argv)
     try:
         comparison = Comparison(collect_runs(args.paths, args.group_by))
@@ -312,6 +435,10 @@ def main(argv=None):
         return 2
     comparison.warn_uneven_rounds()
     text = FORMATS[args.format](comparison)
+    if args.title and args.format == "markdown":
+        text = f"**{args.title}**\n\n{text}"
+    elif args.title and args.format == "latex":
+        text = f"% {args.title}\n{text}"
     print(text, end="")
     if args.output:
         with open(args.output, "w") as f:

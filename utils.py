@@ -6,6 +6,7 @@ the entry point turns into one line on stderr and exit status 2.
 """
 import argparse
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -46,7 +47,8 @@ SCENARIOS = {
 # a run and its resume, and they are left out of the checkpoint fingerprint.
 RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
                      "logdir", "log_file_name", "save_model", "comm_round", "workers",
-                     "backend", "ray_address", "load_path", "keep_client_models"}
+                     "backend", "ray_address", "load_path", "keep_client_models", "snapshot_rounds",
+                     "tensorboard"}
 
 
 def build_parser(description, algorithm_flags=()):
@@ -107,6 +109,10 @@ def build_parser(description, algorithm_flags=()):
     a("--keep_client_models", action="store_true",
       help="keep every client's last uploaded model in the checkpoint, to warm-start algorithms that "
            "use them (FedHUG, MOON) with --load_path")
+    a("--snapshot_rounds", default="", help="comma-separated rounds after which a copy of the checkpoint "
+      "is kept as checkpoint_round<r>.pt (run.sh keeps FedAvg's round start_round-1 to warm-start FedHUG)")
+    a("--tensorboard", action="store_true", help="also write each round's scalars for TensorBoard into "
+      "<run directory>/tensorboard (needs the tensorboard package)")
     a("--workers", type=int, default=1, help="local worker processes running the sampled clients")
     a("--backend", default="local", help="local (in this machine's processes) or ray")
     a("--ray_address", default=None, help="Ray cluster address (default: start a local one)")
@@ -224,6 +230,13 @@ def validate_args(args):
         raise UsageError(f"--min_require_size must be >= 0 (got {args.min_require_size})")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint_every must be >= 0 (got {args.checkpoint_every})")
+    try:
+        args.snapshot_rounds = parse_rounds(args.snapshot_rounds)
+    except ValueError:
+        raise UsageError(f"--snapshot_rounds '{args.snapshot_rounds}' is not a list of rounds (e.g. 49 or 9,49)")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard (or leave the "
+                         "flag out)")
     if args.workers < 1:
         raise UsageError(f"--workers must be at least 1 (got {args.workers})")
     if args.backend not in ("local", "ray"):
@@ -238,6 +251,17 @@ def validate_args(args):
         raise UsageError(f"--momentum must be >= 0 (got {args.momentum})")
     if args.datadir != DEFAULT_DATADIR and not os.path.isdir(args.datadir):
         raise UsageError(f"--datadir {args.datadir} does not exist; point it at a folder holding the data")
+
+
+def parse_rounds(text):
+    """'9, 49' -> [9, 49] (sorted, no duplicates); a list stays a list; ValueError on anything else."""
+    if isinstance(text, (list, tuple)):
+        rounds = [int(r) for r in text]
+    else:
+        rounds = [int(part) for part in str(text or "").split(",") if part.strip()]
+    if any(r < 0 for r in rounds):
+        raise ValueError("negative round")
+    return sorted(set(rounds))
 
 
 def config_fingerprint(config):

@@ -81,6 +81,8 @@ class ClientContext:
     previous_weights: dict = None           # keeps_local_model: its last local model (else the initial one)
     step: int = 0
     log_lines: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)     # figures for metrics.jsonl's client_metrics (drift, budget, ...)
+    artifacts: dict = field(default_factory=dict)   # tensors saved in the run directory, never uploaded
 
     def log(self, line):
         """A log line, printed by the engine after this client in sampled order."""
@@ -96,6 +98,7 @@ class ClientResult:
     metrics: dict       # train_loss, steps, ...: for logs and observers, not counted as uploaded
     log_lines: list
     evaluation: dict = field(default_factory=dict)   # --eval local: {series: (correct, tested)} before training
+    artifacts: dict = field(default_factory=dict)    # for the experimenter, saved in the run directory, never uploaded
 
 
 @dataclass
@@ -241,7 +244,8 @@ class Algorithm:
         metrics = self.train(ctx, model, model.parameters(), self.local_steps(ctx))
         upload = self.upload(ctx, model)
         self.finish_client(ctx, model)
-        return ClientResult(ctx.client_id, ctx.data.num_samples, upload, ctx.state, metrics, ctx.log_lines)
+        return ClientResult(ctx.client_id, ctx.data.num_samples, upload, ctx.state, {**ctx.metrics, **metrics},
+                            ctx.log_lines, artifacts=ctx.artifacts)
 
     def local_steps(self, ctx):
         """Optimiser steps of a client's round: --num_local_iterations, or with --epochs E,

@@ -17,12 +17,12 @@ always one of them.
 """
 import json
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 import cvdataset
 from engine import registry
@@ -31,11 +31,12 @@ from engine.checkpoint import check_same, client_states_from, load_checkpoint, s
 from engine.evaluation import evaluate, summarise_local
 from engine.executors import build_client_side, initial_weights, make_executor  # noqa: F401 (initial_weights re-exported)
 from engine.observers import CommunicationCounter
+from engine.progress import rounds_bar
 from engine.registry import EVAL_PROTOCOLS
-from engine.rundir import RunDirectory
+from engine.rundir import RunDirectory, read_first_lines
 from models import count_parameters
 from utils import (UsageError, build_parser, choose_device, config_fingerprint, derived_seed, parse_args,
-                   set_threads)
+                   set_threads, warn)
 
 
 def sample_clients(init_seed, round_index, n_parties, sample_fraction):
@@ -78,7 +79,22 @@ def read_warm_start(args):
                {k: ckpt["config"].get(k, defaults.get_default(k)) for k in keys}, ckpt["path"])
     if "weights" not in ckpt["server_state"]:
         raise UsageError(f"--load_path {ckpt['path']}: that run has no global model to start from")
-    return {"weights": ckpt["server_state"]["weights"], "checkpoint": ckpt}
+    return {"weights": ckpt["server_state"]["weights"], "checkpoint": ckpt, "history": read_history(ckpt)}
+
+
+def read_history(ckpt):
+    """The `>> Round` lines and metrics records of the run a checkpoint was taken from, up to
+    that checkpoint (the first log_lines / metrics_records of its run directory), or None when
+    its run directory is gone."""
+    folder = os.path.dirname(os.path.abspath(ckpt["path"]))
+    try:
+        lines = read_first_lines(os.path.join(folder, "log.txt"), ckpt["log_lines"])
+        records = [json.loads(line) for line in read_first_lines(os.path.join(folder, "metrics.jsonl"),
+                                                                 ckpt["metrics_records"])]
+    except (UsageError, ValueError):
+        return None
+    return {"run": os.path.basename(folder), "lines": [line for line in lines if line.startswith(">> Round ")],
+            "records": records}
 
 
 class Run:
@@ -98,6 +114,7 @@ class Run:
         self.counter = CommunicationCounter()
         self.observers = [self.counter, *observers]
         self.executor = None
+        self.tensorboard = None    # --tensorboard: a SummaryWriter while the run runs
         if resume_checkpoint is not None:
             self.dir = RunDirectory(os.path.dirname(os.path.abspath(resume_checkpoint["path"])),
                                     resume_checkpoint["log_lines"], resume_checkpoint["metrics_records"])
@@ -130,6 +147,9 @@ class Run:
         self.dir.log(f"evaluation: {a.eval} ({EVAL_PROTOCOLS[a.eval]})")
         self.dir.log("class counts per client:")
         self.dir.log(cvdataset.format_class_counts(self.data.class_counts))
+        with open(self.dir.file("partition.svg"), "w") as f:
+            f.write(cvdataset.class_counts_svg(self.data.class_counts, f"{a.dataset}, partition {a.partition}"
+                                               + (f" beta {a.beta}" if a.partition == "noniid" else "")))
 
     def warm_start(self, warm):
         """--load_path (read by read_warm_start): the global model is set; now the round counter,
@@ -149,6 +169,16 @@ class Run:
         self.best_acc = ckpt["best_acc"]
         self.dir.log(f"warm start: {ckpt['config']['algorithm']} checkpoint after round {ckpt['round']}, "
                      f"continuing at round {self.start_round}")
+        history = warm["history"]
+        if history is None:
+            self.dir.log("warm start: that run's log is gone, so rounds before the warm start are not shown")
+            return
+        self.dir.log(f"warm start: rounds 0-{ckpt['round']} below are those of run {history['run']}")
+        for line in history["lines"]:
+            self.dir.log(line)
+        for record in history["records"]:
+            self.dir.write_metrics({**record, "warm_start_from": history["run"]})
+        self.best_round = next((r["round"] for r in history["records"] if r["accuracy"] == self.best_acc), None)
 
     def set_global_weights(self, weights, path):
         model = self.algorithm.model("evaluation", self.args.model)
@@ -227,6 +257,8 @@ class Run:
         server = self.server_context(round_index)
         downloads, results, local_scores = self.run_clients(round_index, sampled, show)
         for result in results:
+            if result.artifacts:
+                self.save_artifacts(round_index, result)
             if a.keep_client_models and "weights" in result.upload:
                 self.kept_models[result.client_id] = result.upload["weights"]
             for observer in self.observers:
@@ -236,7 +268,17 @@ class Run:
             self.dir.log(line)
         scores = local_scores or evaluate(a.eval, algorithm, self.server_state, self.data)
         losses = [r.metrics["train_loss"] for r in results if "train_loss" in r.metrics]
-        self.record_round(round_index, scores, started, sampled, float(np.mean(losses)) if losses else None)
+        client_metrics = {str(r.client_id): extra for r in results
+                          if (extra := {k: v for k, v in r.metrics.items() if k not in ("train_loss", "steps")})}
+        self.record_round(round_index, scores, started, sampled, float(np.mean(losses)) if losses else None,
+                          **({"client_metrics": client_metrics} if client_metrics else {}))
+
+    def save_artifacts(self, round_index, result):
+        """A client's artifacts (ClientResult.artifacts: e.g. FedHUG's synthetic samples), for the
+        experimenter, never the server: artifacts/round<r>_client<k>.pt."""
+        os.makedirs(self.dir.file("artifacts"), exist_ok=True)
+        torch.save(to_device(result.artifacts, "cpu"),
+                   self.dir.file(os.path.join("artifacts", f"round{round_index}_client{result.client_id}.pt")))
 
     def evaluation_round(self, show):
         """--eval local: round R = comm_round, every client evaluated, nobody trains."""
@@ -256,20 +298,36 @@ class Run:
             record.update(observer.end_round(round_index))
         record.update(scores)
         self.dir.write_metrics(record)
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                    self.tensorboard.add_scalar(key, value, round_index)
+            self.tensorboard.flush()
 
     def run(self):
         a = self.args
         show = sys.stderr.isatty()
         self.executor = make_executor(self.algorithm_class, self.algorithm, self.data, a,
                                       self.algorithm.setting.initial_weights)
+        bar = None
+        if a.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter     # checked to exist by utils.validate_args
+            self.tensorboard = SummaryWriter(self.dir.file("tensorboard"))
         try:
             if self.start_round == 0 and not self.dir.records:
                 self.initialise()
-            for round_index in tqdm(range(self.start_round, a.comm_round), desc="rounds", disable=not show,
-                                    file=sys.stderr, initial=self.start_round, total=a.comm_round):
+            warm_rounds = [r["round"] for r in self.dir.records if "warm_start_from" in r]
+            bar = rounds_bar(max(warm_rounds, default=-1) + 1, self.start_round, a.comm_round)
+            self.dir.before_print = bar.clear
+            for round_index in range(self.start_round, a.comm_round):
                 self.run_round(round_index, show)
-                if a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
-                                           or round_index == a.comm_round - 1):
+                bar.round_done(round_index)
+                if round_index in a.snapshot_rounds:
+                    self.checkpoint(round_index)
+                    shutil.copyfile(self.dir.file("checkpoint.pt"), self.dir.file(".snapshot.tmp"))
+                    os.replace(self.dir.file(".snapshot.tmp"), self.dir.file(f"checkpoint_round{round_index}.pt"))
+                elif a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
+                                             or round_index == a.comm_round - 1):
                     self.checkpoint(round_index)
             if a.eval == "local" and (not self.dir.records or self.dir.records[-1]["round"] < a.comm_round):
                 self.evaluation_round(show)
@@ -282,6 +340,11 @@ class Run:
             if a.save_model:
                 torch.save(self.algorithm.global_weights(self.server_state), self.dir.file("global_model.pt"))
         finally:
+            if bar is not None:
+                self.dir.before_print = None
+                bar.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
             self.executor.close()
             self.dir.close()
         return self.dir.records

@@ -20,6 +20,7 @@ class RunDirectory:
         """A new run directory at `path`, or (resume) an existing one cut back to the given
         numbers of log lines and metrics records."""
         self.path = path
+        self.before_print = None        # called before a line is printed (a progress bar wiping itself)
         self.log_path = os.path.join(path, "log.txt")
         self.metrics_path = os.path.join(path, "metrics.jsonl")
         self.records = []
@@ -66,6 +67,8 @@ class RunDirectory:
 
     def log(self, line=""):
         """Print and write a line (or several, split at newlines)."""
+        if self.before_print is not None:
+            self.before_print()
         for part in str(line).split("\n"):
             self.lines.append(part)
             print(part, flush=True)

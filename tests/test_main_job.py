@@ -1,0 +1,144 @@
+"""The main job (`bash run.sh`): the table's stability, communication and time columns against
+hand values; the whole pipeline at a tiny setting (bench/bench_main_job.py --tiny) writing and
+parsing every file; FedHUG warm-started from FedAvg's checkpoint identical to FedHUG computing
+those rounds itself; the job's progress bar on the terminal and never in a log; --tensorboard."""
+import csv
+import importlib.util
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+
+import pytest
+
+import tables
+from conftest import ROOT, run_script
+from engine import progress
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the table's columns
+
+def curve(name, accuracies, seconds, uploaded, downloaded):
+    records = [{"round": r, "accuracy": a, "seconds": s, "bytes_uploaded": u, "bytes_downloaded": d}
+               for r, (a, s, u, d) in enumerate(zip(accuracies, seconds, uploaded, downloaded))]
+    records.append({"round": len(accuracies), "accuracy": accuracies[-1], "evaluation_only": True,
+                    "seconds": 99.0, "bytes_uploaded": 0, "bytes_downloaded": 10 ** 9})   # left out of the means
+    return tables.RunCurve("setting", "fedavg", name, "", list(range(len(accuracies) + 1)),
+                           accuracies + [accuracies[-1]], records=records)
+
+
+def test_stability_bytes_and_seconds_columns_against_hand_values():
+    # run 0: 13 accuracies; the last 10 (with the evaluation-only round's repeat of 0.70) are
+    # 0.8 0.6 0.7 0.8 0.6 0.7 0.8 0.6 0.7 0.7: mean 0.70, sample std sqrt(6 x 0.01 / 9) = 0.08165
+    first = curve("0", [0.5, 0.6, 0.7, 0.9, 0.8, 0.6, 0.7, 0.8, 0.6, 0.7, 0.8, 0.6, 0.7],
+                  [1.0, 3.0] * 6 + [2.0], [2e6, 4e6] * 6 + [3e6], [1e6] * 13)
+    assert first.last_mean == pytest.approx(0.70)
+    assert first.last_std == pytest.approx((0.06 / 9) ** 0.5)
+    assert (first.best, first.best_round) == (0.9, 3)
+    assert first.mb_up == pytest.approx(3.0) and first.mb_down == pytest.approx(1.0)
+    assert first.seconds == pytest.approx(2.0)
+    # run 1: constant 0.75 over its last rounds: last-10 mean 0.75, std 0
+    second = curve("1", [0.5, 0.6] + [0.75] * 11, [4.0] * 13, [3e6] * 13, [1e6] * 13)
+    assert (second.last_mean, second.last_std, second.best_round) == (pytest.approx(0.75), 0.0, 2)
+    comparison = tables.Comparison([first, second])
+    row = [line for line in tables.to_markdown(comparison).splitlines() if line.startswith("| FedAvg |")][-1]
+    # final 70, 75; best 90, 75; best round 3, 2; last-10 mean 70, 75 -> 72.50 ± 3.54;
+    # last-10 std 8.165, 0 -> 4.08 ± 5.77; MB up 3, 3; down 1, 1; seconds 2, 4 -> 3.00 ± 1.41
+    assert row == ("| FedAvg | 72.50 ± 3.54 | 82.50 ± 10.61 | 2.5 ± 0.7 | 72.50 ± 3.54 | 4.08 ± 5.77 | "
+                   "3.000 ± 0.000 | 1.000 ± 0.000 | 3.00 ± 1.41 |")
+    rows = {r["metric"]: r for r in csv.DictReader(io.StringIO(tables.to_csv(comparison)))}
+    assert float(rows["last10_std"]["mean"]) == pytest.approx(100 * (0.06 / 9) ** 0.5 / 2, abs=1e-4)
+    assert float(rows["mb_up_per_round"]["mean"]) == pytest.approx(3.0)
+    assert float(rows["seconds_per_round"]["std"]) == pytest.approx(2 ** 0.5, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+ROUND_OR_CLIENT_LINE = re.compile(r"^(>> Round \d+ \|.*|fedhug client \d+: .*)$")
+
+
+def test_main_job_pipeline_writes_every_file_and_warm_fedhug_equals_recomputed(tmp_path):
+    logroot = tmp_path / "log"
+    bench = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_main_job.py"), "--tiny",
+                            "--logroot", str(logroot)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bench.returncode == 0, bench.stdout + bench.stderr
+    assert re.search(r"^fedhug_seed0\s+1\s+\d+\.\d\s+\d+\.\d\d$", bench.stdout, re.M), bench.stdout   # 1 own round
+    assert re.search(r"^main job: wall-clock \d+ min \d+ s .*a tiny setting", bench.stdout, re.M)
+    out = logroot / "fashionmnist_noniid_beta0.5_3clients"
+    # every file the job promises, parsed
+    table = (out / "table.md").read_text()
+    assert "stability, communication and time" in table and "| FedHUG |" in table
+    rows = list(csv.DictReader(io.StringIO((out / "table.csv").read_text())))
+    metrics = {(r["metric"], r["algorithm"]) for r in rows}
+    for metric in ("final", "best", "best_round", "last10_mean", "last10_std", "mb_up_per_round",
+                   "mb_down_per_round", "seconds_per_round"):
+        assert {(metric, "fedavg"), (metric, "fedhug")} <= metrics
+    assert r"\begin{tabular}" in (out / "table.tex").read_text()
+    for picture in (out / "curves.png", out / "runs" / "fedhug_seed0" / "synthetic.png",
+                    out / "runs" / "fedhug_seed0" / "drift_budget.png"):
+        assert picture.read_bytes()[:8] == PNG_MAGIC, picture
+    svg = ElementTree.parse(out / "partition_seed0.svg").getroot()
+    counts = [int(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text") if (t.text or "").isdigit()]
+    assert sum(counts) > 60000      # the 3 clients' cells (60,000 training images) plus the axis labels
+    # FedHUG continued from FedAvg's checkpoint after round 1 ...
+    warm_log = (out / "runs" / "fedhug_seed0" / "log.txt").read_text()
+    assert "warm start: fedavg checkpoint after round 1, continuing at round 2" in warm_log
+    warm_records = [json.loads(line) for line in open(out / "runs" / "fedhug_seed0" / "metrics.jsonl")]
+    assert [("warm_start_from" in r) for r in warm_records] == [True, True, False]
+    # ... and equals FedHUG computing rounds 0-1 itself, serially (run.sh used 2 workers)
+    full = run_script("fedhug.py", "--dataset", "fashionmnist", "--partition", "noniid", "--beta", "0.5",
+                      "--n_parties", "3", "--sample_fraction", "1.0", "--num_local_iterations", "2",
+                      "--comm_round", "3", "--start_round", "2", "--g_steps", "2", "--synthesis_batch_size", "16",
+                      "--init_seed", "0", logdir=tmp_path, name="full")
+    assert full.returncode == 0, full.stderr
+    full_lines = [line for line in full.stdout.splitlines() if ROUND_OR_CLIENT_LINE.match(line)]
+    warm_lines = [line for line in warm_log.splitlines() if ROUND_OR_CLIENT_LINE.match(line)]
+    assert len(full_lines) == 3 + 3 and warm_lines == full_lines
+    full_records = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    assert warm_records[-1]["client_metrics"] == full_records[-1]["client_metrics"]
+    assert warm_records[-1]["train_loss"] == full_records[-1]["train_loss"]
+
+
+# ----------------------------------------------------------------------------- progress and TensorBoard
+
+def test_job_progress_bar_is_drawn_on_the_terminal_it_is_given(monkeypatch):
+    terminal, screen = os.openpty()
+    monkeypatch.setenv("FL_JOB", f"2 3 10 40 {time.time() - 60} fedprox seed 0")
+    monkeypatch.setenv("FL_JOB_FD", str(screen))
+    bar = progress.rounds_bar(0, 0, 20)
+    bar.round_done(9)                      # 10 units before this run + 10 rounds = 20 of 40, after ~60 s
+    bar.close()
+    drawn = os.read(terminal, 100_000).decode()
+    assert "run.sh [2/3] fedprox seed 0" in drawn and "20/40 rounds" in drawn
+    assert re.search(r"1 min 0\d s elapsed, ~1 min 0\d s left", drawn), drawn
+    os.close(terminal), os.close(screen)
+
+
+def test_job_progress_bar_is_not_drawn_into_a_file(monkeypatch, tmp_path):
+    with open(tmp_path / "log.txt", "w") as log:
+        monkeypatch.setenv("FL_JOB", f"1 1 0 5 {time.time()} fedavg seed 0")
+        monkeypatch.setenv("FL_JOB_FD", str(log.fileno()))
+        bar = progress.rounds_bar(0, 0, 5)
+        assert isinstance(bar, progress.RunBar)
+        bar.round_done(0)
+        bar.close()
+    assert (tmp_path / "log.txt").read_text() == ""
+
+
+def test_tensorboard_scalars_or_one_clear_line(tmp_path):
+    result = run_script("fedavg.py", "--n_parties", "2", "--num_local_iterations", "1", "--comm_round", "2",
+                        "--tensorboard", logdir=tmp_path, name="tb")
+    if importlib.util.find_spec("tensorboard") is None:
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines()[-1] == ("error: --tensorboard needs the tensorboard package: "
+                                                          "pip install tensorboard (or leave the flag out)")
+        assert not (tmp_path / "tb").exists()
+    else:
+        assert result.returncode == 0, result.stderr
+        assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb" / "tensorboard"))
