@@ -8,6 +8,38 @@ every model.
     FedAvgCNN: PFLlib's "4-layer CNN" (spec/pfl-htfl.md section 0), 512-d representation,
         582,026 parameters for 1x28x28; names as PFLlib's BaseHeadSplit (base.conv1.0, ...,
         head.weight), so its base/head methods split it where PFLlib does.
+
+Model-heterogeneous sets (--client_models GROUP: client k gets the group's names[k mod M]). Every
+member is a BaseHeadSplit: `base` ends at the group's feature size D, `head` = Linear(D -> C) (the
+same shape [C, D] for all members; state-dict names base.* and head.weight/head.bias, so
+Algorithm.head_prefix gives "head." for each), `features(x)` = base(x) (after a ReLU).
+
+    hcnns8 (D = 512): HtFLlib's 8 CNNs for 28x28 grayscale ("HCNNs8", FedTGP main.py; spec
+        pfl-htfl.md section 4), in its order. `CNN(num_cov, hidden_dims)` under BaseHeadSplit:
+        conv(1->32,5) ReLU pool2 [then conv(32->64,5) ReLU pool2], flatten (4608 or 1024),
+        Linear/ReLU through hidden_dims + [512]; names base.conv.<i>.0.*, base.fc1.<j>.*, head.*.
+          hcnn-c1            num_cov 1, hidden []            2,365,770 parameters
+          hcnn-c2            num_cov 2, hidden []              582,026 (FedAvgCNN's layers)
+          hcnn-c1-512        num_cov 1, hidden [512]         2,628,426
+          hcnn-c2-512        num_cov 2, hidden [512]           844,682
+          hcnn-c1-1024       num_cov 1, hidden [1024]        5,250,378
+          hcnn-c2-1024       num_cov 2, hidden [1024]        1,631,626
+          hcnn-c1-1024-512   num_cov 1, hidden [1024, 512]   5,513,034
+          hcnn-c2-1024-512   num_cov 2, hidden [1024, 512]   1,894,282
+        (totals with the Linear(512 -> 10) head; 9-19 ms a step of 16 on one CPU thread).
+    light4 (D = 84, SimpleCNN's representation size): four different SimpleCNN-sized extractors
+        for 1x28x28 that train quickly on a few CPU cores (0.3-2.7 ms a step of 16 on one thread,
+        SimpleCNN 1.8 ms); each member's base layers have names of their own (light-lenet's are
+        SimpleCNN's: base.conv1, base.conv2, base.fc1, base.fc2), so the head is all they share
+        by name (FedAvg over light4 averages the head alone):
+          light-lenet   SimpleCNN-mnist's layers: conv(1->6,5) ReLU pool2, conv(6->16,5) ReLU
+                        pool2, fc 256->120 ReLU, fc 120->84 ReLU        44,426 parameters
+          light-mlp     fc 784->56 ReLU, fc 56->84 ReLU                 49,598
+          light-conv1   conv(1->10,5) ReLU pool4, fc 360->84 ReLU       31,434
+          light-conv3   conv3x3(1->8) ReLU pool2, conv3x3(8->16) ReLU pool2, conv3x3(16->16)
+                        ReLU pool2, fc 144->84 ReLU                     16,598
+        HtFLlib's names in hcnns8 are kept: there same-named entries can differ in shape
+        (base.fc1.1.weight is [512, 4608] in hcnn-c1, [512, 1024] in hcnn-c2).
 """
 import torch
 from torch import nn
@@ -148,3 +180,97 @@ def head_prefix(model):
 
 def count_parameters(model):
     return sum(p.numel() for p in model.parameters())
+
+
+# ============================================================================ heterogeneous sets
+# Model-heterogeneous FL (algorithms/heterogeneous/): client k gets names[k mod M] of a group;
+# every member has a `base` ending at the same feature size D and a head Linear(D -> C) named
+# `head`, so features, prototypes and heads are interchangeable across members.
+
+class BaseHeadSplit(nn.Module):
+    """HtFLlib's BaseHeadSplit: logits = head(base(x)), base(x) in R^D, head = Linear(D -> C).
+    State-dict names: base.* and head.weight / head.bias (as FedAvgCNN)."""
+    head_name = "head"
+
+    def __init__(self, base, feature_dim, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+        self.feature_dim = feature_dim
+        self.base = base
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    @property
+    def classifier(self):
+        return self.head
+
+    def features(self, x):
+        return self.base(x)
+
+    def forward(self, x):
+        return self.head(self.base(x))
+
+
+class HtFLCNNBase(nn.Module):
+    """HtFLlib's `CNN(num_cov, hidden_dims, in_features=1)` without its classifier: `conv` =
+    conv(c->32,5) ReLU maxpool2 [, conv(32->64,5) ReLU maxpool2 when num_cov = 2]; `fc1` =
+    Flatten, then Linear/ReLU through hidden_dims + [D]. Names base.conv.<i>.0.*, base.fc1.<j>.*
+    as in HtFLlib (its `fc`, replaced by BaseHeadSplit with AdaptiveAvgPool1d(D), is the identity
+    on D-d features and holds no parameters, so it is left out)."""
+
+    def __init__(self, num_cov, hidden_dims, in_channels=1, image_size=28, feature_dim=512):
+        super().__init__()
+        channels, side, blocks = in_channels, image_size, []
+        for out_channels in (32, 64)[:num_cov]:
+            blocks.append(nn.Sequential(nn.Conv2d(channels, out_channels, 5), nn.ReLU(), nn.MaxPool2d(2)))
+            channels, side = out_channels, (side - 4) // 2
+        self.conv = nn.Sequential(*blocks)
+        layers, width = [nn.Flatten()], channels * side * side
+        for dim in list(hidden_dims) + [feature_dim]:
+            layers += [nn.Linear(width, dim), nn.ReLU()]
+            width = dim
+        self.fc1 = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.fc1(self.conv(x))
+
+
+def htfl_cnn(num_cov, hidden_dims, num_classes, feature_dim=512):
+    return BaseHeadSplit(HtFLCNNBase(num_cov, hidden_dims, feature_dim=feature_dim), feature_dim, num_classes)
+
+
+def light_base(kind, feature_dim=84):
+    """A SimpleCNN-sized extractor for 1x28x28 ending at `feature_dim` (ReLU features). Its layers
+    have names no other light4 member uses (light-lenet's are SimpleCNN's: conv1, conv2, fc1, fc2),
+    so same-named entries across the group are the head alone."""
+    relu, pool = nn.ReLU, nn.MaxPool2d
+    layers = {
+        "lenet": [("conv1", nn.Conv2d(1, 6, 5)), ("relu1", relu()), ("pool1", pool(2)),
+                  ("conv2", nn.Conv2d(6, 16, 5)), ("relu2", relu()), ("pool2", pool(2)), ("flatten", nn.Flatten()),
+                  ("fc1", nn.Linear(256, 120)), ("relu3", relu()), ("fc2", nn.Linear(120, feature_dim))],
+        "mlp": [("flatten", nn.Flatten()), ("mlp1", nn.Linear(784, 56)), ("relu1", relu()),
+                ("mlp2", nn.Linear(56, feature_dim))],
+        "conv1": [("wide_conv", nn.Conv2d(1, 10, 5)), ("relu1", relu()), ("pool1", pool(4)),
+                  ("flatten", nn.Flatten()), ("wide_fc", nn.Linear(360, feature_dim))],
+        "conv3": [("small_conv1", nn.Conv2d(1, 8, 3, padding=1)), ("relu1", relu()), ("pool1", pool(2)),
+                  ("small_conv2", nn.Conv2d(8, 16, 3, padding=1)), ("relu2", relu()), ("pool2", pool(2)),
+                  ("small_conv3", nn.Conv2d(16, 16, 3, padding=1)), ("relu3", relu()), ("pool3", pool(2)),
+                  ("flatten", nn.Flatten()), ("small_fc", nn.Linear(144, feature_dim))],
+    }[kind]
+    base = nn.Sequential()
+    for name, layer in layers + [("relu_out", relu())]:
+        base.add_module(name, layer)
+    return base
+
+
+# HtFLlib's HCNNs8 (FedTGP main.py), in its order: (num_cov, hidden_dims) of client k mod 8
+HCNNS8 = {"hcnn-c1": (1, []), "hcnn-c2": (2, []), "hcnn-c1-512": (1, [512]), "hcnn-c2-512": (2, [512]),
+          "hcnn-c1-1024": (1, [1024]), "hcnn-c2-1024": (2, [1024]),
+          "hcnn-c1-1024-512": (1, [1024, 512]), "hcnn-c2-1024-512": (2, [1024, 512])}
+for _name, (_num_cov, _hidden) in HCNNS8.items():
+    register_model(_name, lambda num_classes, c=_num_cov, h=_hidden: htfl_cnn(c, h, num_classes), (1, 28, 28))
+LIGHT4 = ("light-lenet", "light-mlp", "light-conv1", "light-conv3")
+for _name in LIGHT4:
+    register_model(_name, lambda num_classes, kind=_name[len("light-"):]: BaseHeadSplit(light_base(kind), 84,
+                                                                                         num_classes), (1, 28, 28))
+MODEL_GROUPS["hcnns8"] = list(HCNNS8)
+MODEL_GROUPS["light4"] = list(LIGHT4)

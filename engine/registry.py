@@ -65,6 +65,21 @@ ALGORITHMS = {entry.name: entry for entry in [
     Entry("fedcp", "FedCP", "algorithms.personalised.fedcp", "FedCP", "main.py", "personalised"),
     Entry("gpfl", "GPFL", "algorithms.personalised.gpfl", "GPFL", "main.py", "personalised"),
     Entry("feddbe", "FedDBE", "algorithms.personalised.feddbe", "FedDBE", "main.py", "personalised"),
+    # model-heterogeneous FL, HtFLlib's way (algorithms/heterogeneous/; --client_models light4 | hcnns8, --eval local)
+    Entry("local", "Local", "algorithms.heterogeneous.local", "Local", "main.py", "heterogeneous"),
+    Entry("fedproto", "FedProto", "algorithms.heterogeneous.fedproto", "FedProto", "main.py", "heterogeneous"),
+    Entry("fedtgp", "FedTGP", "algorithms.heterogeneous.fedtgp", "FedTGP", "main.py", "heterogeneous"),
+    Entry("fedgh", "FedGH", "algorithms.heterogeneous.fedgh", "FedGH", "main.py", "heterogeneous"),
+    Entry("feddistill", "FedDistill", "algorithms.heterogeneous.feddistill", "FedDistill", "main.py", "heterogeneous"),
+    Entry("fml", "FML", "algorithms.heterogeneous.fml", "FML", "main.py", "heterogeneous"),
+    Entry("fedkd", "FedKD", "algorithms.heterogeneous.fedkd", "FedKD", "main.py", "heterogeneous"),
+    Entry("fedgen", "FedGen", "algorithms.heterogeneous.fedgen", "FedGen", "main.py", "heterogeneous"),
+    Entry("fedgen-pfllib", "FedGen (PFLlib)", "algorithms.heterogeneous.fedgen", "FedGenPFLlib", "main.py",
+          "heterogeneous"),
+    Entry("fedktl-sub", "FedKTL-sub (substitute G)", "algorithms.heterogeneous.fedktl", "FedKTL", "main.py",
+          "heterogeneous"),
+    Entry("fedktl-randg", "FedKTL-randG (untrained G)", "algorithms.heterogeneous.fedktl", "FedKTLRandomG", "main.py",
+          "heterogeneous"),
 ]}
 
 
