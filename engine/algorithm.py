@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from models import build_model, head_prefix
+from utils import UsageError
 
 
 class TrainingDiverged(Exception):
@@ -268,6 +269,12 @@ class Algorithm:
         (a client of a smaller architecture takes the entries it shares with the global model)."""
         weights = dict(self.setting.initial_weights[architecture])
         for source in (state.get("local_model", {}), download.get("weights", {})):
+            for key, value in source.items():
+                if key in weights and value.shape != weights[key].shape:
+                    raise UsageError(f"a {architecture} client cannot take the server's '{key}' of shape "
+                                     f"{list(value.shape)} (its own is {list(weights[key].shape)}): the models "
+                                     "share that name but not its shape; give --model a member of "
+                                     "--client_models, or a model set whose shared entries fit")
             weights.update((key, value) for key, value in source.items() if key in weights)
         return weights
 

@@ -193,7 +193,8 @@ def test_fedavg_then_fedhug_warm_start_on_fashion_mnist(tmp_path):
         assert expected > 0
         assert parse_client_line(line)[0] == pytest.approx(expected, abs=1e-4)
     acc = accuracies(out)
-    assert len(acc) == 2 and acc[-1] > 0.3                   # chance is 0.1
+    assert len(acc) == 4 and acc[-1] > 0.3                   # rounds 0-1 carried over from FedAvg's log; chance 0.1
+    assert "rounds 0-1 below are those of run fedavg" in out
 
 
 def test_warm_start_without_client_models_starts_clients_from_the_loaded_global_model(tmp_path):
@@ -208,3 +209,14 @@ def test_warm_start_without_client_models_starts_clients_from_the_loaded_global_
     lines = fedhug_client_lines(fedhug.stdout)
     assert len(lines) == 4                                   # 4 clients x round 1
     assert [parse_client_line(line)[0] for line in lines] == [0.0] * 4   # previous model = the global one
+
+
+def test_bf16_hint_only_on_cpus_with_bf16_units_and_the_flag_off(monkeypatch, capsys):
+    import fedhug
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for units, flags, hinted in [(["avx512_bf16"], [], True), (["amx_bf16"], ["--synthesis_bf16"], False),
+                                 ([], [], False), (["avx512_bf16"], ["--start_round", "70"], False)]:
+        monkeypatch.setattr(fedhug, "cpu_bf16_units", lambda: units)
+        FedHUG.check_args(algorithm_args(FedHUG, *flags))
+        err = capsys.readouterr().err
+        assert (f"hint: this CPU has bf16 units ({units[0] if units else ''})" in err) == hinted, (units, flags, err)

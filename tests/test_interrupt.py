@@ -17,8 +17,9 @@ FLAGS = ["--n_parties", "2", "--num_local_iterations", "2", "--batch_size", "16"
 
 def fedhug(tmp_path, *flags, background=False):
     command = [sys.executable, os.path.join(ROOT, "fedhug.py"), *FLAGS, "--logdir", str(tmp_path), *map(str, flags)]
-    if background:
-        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if background:      # SIGINT handled as by default even when pytest itself runs in the background (ignored)
+        return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
