@@ -23,6 +23,16 @@ def run_script(script, *args, logdir=None, name="run", timeout=600, env=None):
                           env=dict(os.environ, **(env or {})))
 
 
+def run_scripts(calls, logdir, jobs=2):
+    """Several run_script calls at once (`jobs` one-thread processes: this machine's 2 cores);
+    calls = {name: (script, [args])}; returns {name: CompletedProcess}."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {name: pool.submit(run_script, script, *args, logdir=logdir, name=name)
+                   for name, (script, args) in calls.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 @pytest.fixture
 def cli():
     return run_script

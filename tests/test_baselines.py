@@ -278,7 +278,7 @@ def test_scaffold_at_the_seeds_setting_does_not_diverge(momentum, min_accuracy, 
     gradient-correction form dividing by K lr instead diverges (NaN) in round 2 at momentum 0.9."""
     command = [sys.executable, "-u", "scaffold.py", "--dataset", "fashionmnist", "--partition", "noniid",
                "--beta", "0.1", "--comm_round", "3", "--momentum", momentum, "--checkpoint_every", "0",
-               "--threads", "1", "--logdir", str(tmp_path), "--log_file_name", "run"]
+               "--threads", "1", "--workers", "2", "--logdir", str(tmp_path), "--log_file_name", "run"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     with open(tmp_path / "run" / "metrics.jsonl") as f:

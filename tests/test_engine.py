@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_script, run_scripts
 from engine import ClientResult, ServerContext, sample_clients, weighted_average
 from fedavg import FedAvg
 
@@ -92,17 +92,17 @@ def test_fedavg_learns_and_logs_in_the_published_format(tmp_path):
 
 
 def test_same_seed_same_log_and_fedavgm_differs(tmp_path):
-    first = run_script("fedavg.py", *SMALL, logdir=tmp_path, name="a")
-    second = run_script("fedavg.py", *SMALL, logdir=tmp_path, name="b")
-    momentum = run_script("fedavg.py", *SMALL, "--server_momentum", "0.9", logdir=tmp_path, name="m")
-    other_seed = run_script("fedavg.py", *SMALL, "--init_seed", "1", logdir=tmp_path, name="s")
-    assert first.returncode == second.returncode == momentum.returncode == 0
+    runs = run_scripts({"a": ("fedavg.py", SMALL), "b": ("fedavg.py", SMALL),
+                        "m": ("fedavg.py", [*SMALL, "--server_momentum", "0.9"]),
+                        "s": ("fedavg.py", [*SMALL, "--init_seed", "1"]),
+                        "n": ("main.py", ["--algorithm", "fedavgm", *SMALL])}, tmp_path)
+    first, second, momentum, by_name = runs["a"], runs["b"], runs["m"], runs["n"]
+    assert first.returncode == second.returncode == momentum.returncode == runs["s"].returncode == 0
     assert first.stdout == second.stdout
     assert trace(tmp_path / "a") == trace(tmp_path / "b")
     assert trace(tmp_path / "m") != trace(tmp_path / "a")
     assert trace(tmp_path / "s") != trace(tmp_path / "a")
     # the registry's fedavgm (main.py --algorithm) is fedavg.py --server_momentum 0.9
-    by_name = run_script("main.py", "--algorithm", "fedavgm", *SMALL, logdir=tmp_path, name="n")
     assert by_name.returncode == 0, by_name.stderr
     assert by_name.stdout == momentum.stdout and trace(tmp_path / "n") == trace(tmp_path / "m")
 
@@ -212,9 +212,10 @@ def test_unwritable_output_and_existing_run_are_refused(tmp_path):
 def test_every_algorithm_starts_from_the_same_initial_weights(tmp_path):
     """With their extra terms switched off, FedProx, MOON and FedHUG (before --start_round)
     are FedAvg: the same seed must then give the same log."""
-    runs = {script: run_script(script, *SMALL, *extra, logdir=tmp_path, name=script)
-            for script, extra in [("fedavg.py", []), ("fedprox.py", ["--mu", "0"]), ("moon.py", ["--mu", "0"]),
-                                  ("fedhug.py", ["--start_round", "2"])]}
+    runs = run_scripts({script: (script, [*SMALL, *extra])
+                        for script, extra in [("fedavg.py", []), ("fedprox.py", ["--mu", "0"]),
+                                              ("moon.py", ["--mu", "0"]), ("fedhug.py", ["--start_round", "2"])]},
+                       tmp_path)
     for script, result in runs.items():
         assert result.returncode == 0, (script, result.stderr)
     fedavg = trace(tmp_path / "fedavg.py")
