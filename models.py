@@ -93,20 +93,17 @@ class SimpleCNN(nn.Module):
         return self.classifier(self.base(x))
 
 
-class FedAvgCNN(nn.Module):
-    """PFLlib's FedAvgCNN as BaseHeadSplit holds it: base = conv(c->32,5) ReLU pool2,
-    conv(32->64,5) ReLU pool2, flatten, fc1(flat->512) ReLU; head = Linear(512 -> classes)."""
+class BaseHeadSplit(nn.Module):
+    """HtFLlib's BaseHeadSplit: logits = head(base(x)), base(x) in R^D, head = Linear(D -> C).
+    State-dict names: base.* and head.weight / head.bias (as FedAvgCNN)."""
     head_name = "head"
 
-    def __init__(self, in_channels, flat_dim, num_classes, dim=512):
+    def __init__(self, base, feature_dim, num_classes):
         super().__init__()
         self.num_classes = num_classes
-        self.base = nn.Sequential()
-        self.base.add_module("conv1", nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2)))
-        self.base.add_module("conv2", nn.Sequential(nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2)))
-        self.base.add_module("flatten", nn.Flatten())
-        self.base.add_module("fc1", nn.Sequential(nn.Linear(flat_dim, dim), nn.ReLU()))
-        self.head = nn.Linear(dim, num_classes)
+        self.feature_dim = feature_dim
+        self.base = base
+        self.head = nn.Linear(feature_dim, num_classes)
 
     @property
     def classifier(self):
@@ -117,6 +114,19 @@ class FedAvgCNN(nn.Module):
 
     def forward(self, x):
         return self.head(self.base(x))
+
+
+class FedAvgCNN(BaseHeadSplit):
+    """PFLlib's FedAvgCNN as BaseHeadSplit holds it: base = conv(c->32,5) ReLU pool2,
+    conv(32->64,5) ReLU pool2, flatten, fc1(flat->512) ReLU; head = Linear(512 -> classes)."""
+
+    def __init__(self, in_channels, flat_dim, num_classes, dim=512):
+        base = nn.Sequential()
+        base.add_module("conv1", nn.Sequential(nn.Conv2d(in_channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2)))
+        base.add_module("conv2", nn.Sequential(nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2)))
+        base.add_module("flatten", nn.Flatten())
+        base.add_module("fc1", nn.Sequential(nn.Linear(flat_dim, dim), nn.ReLU()))
+        super().__init__(base, dim, num_classes)
 
 
 # name -> (builder(num_classes), input shape). register_model adds one (a test's tiny model,
@@ -186,29 +196,6 @@ def count_parameters(model):
 # Model-heterogeneous FL (algorithms/heterogeneous/): client k gets names[k mod M] of a group;
 # every member has a `base` ending at the same feature size D and a head Linear(D -> C) named
 # `head`, so features, prototypes and heads are interchangeable across members.
-
-class BaseHeadSplit(nn.Module):
-    """HtFLlib's BaseHeadSplit: logits = head(base(x)), base(x) in R^D, head = Linear(D -> C).
-    State-dict names: base.* and head.weight / head.bias (as FedAvgCNN)."""
-    head_name = "head"
-
-    def __init__(self, base, feature_dim, num_classes):
-        super().__init__()
-        self.num_classes = num_classes
-        self.feature_dim = feature_dim
-        self.base = base
-        self.head = nn.Linear(feature_dim, num_classes)
-
-    @property
-    def classifier(self):
-        return self.head
-
-    def features(self, x):
-        return self.base(x)
-
-    def forward(self, x):
-        return self.head(self.base(x))
-
 
 class HtFLCNNBase(nn.Module):
     """HtFLlib's `CNN(num_cov, hidden_dims, in_features=1)` without its classifier: `conv` =

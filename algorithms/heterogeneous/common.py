@@ -138,6 +138,24 @@ def aggregate_prototypes(uploads, weights=None):
     return out
 
 
+def train_on_prototypes(module, prototypes, labels, batch_loss, epochs, batch_size, lr, rng):
+    """The server's training over the uploaded (prototype, class) pairs (FedGH's head, FedTGP's
+    generator): `epochs` passes of shuffled batches (order from `rng`), a fresh plain SGD on
+    `module`'s parameters, loss = batch_loss(prototypes, labels) of the batch; returns the last
+    batch's loss."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    loss = torch.zeros(())
+    for _ in range(epochs):
+        order = torch.randperm(len(labels), generator=rng).to(prototypes.device)
+        for start in range(0, len(labels), batch_size):
+            batch = order[start:start + batch_size]
+            loss = batch_loss(prototypes[batch], labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return loss.item()
+
+
 def prototype_table(prototypes, num_classes, dim, device=None):
     """(P [C, D], present [C] bool): the prototypes as rows, zeros where a class has none."""
     table = torch.zeros(num_classes, dim, device=device)

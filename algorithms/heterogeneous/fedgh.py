@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from algorithms.heterogeneous.common import built_without_drawing, common_feature_dim, head_keys, model_prototypes
+from algorithms.heterogeneous.common import (built_without_drawing, common_feature_dim, head_keys, model_prototypes,
+                                              train_on_prototypes)
 from engine import Algorithm, Flag, clone_weights, main
 from utils import UsageError
 
@@ -52,17 +53,8 @@ HTFLLIB = "HtFLlib system/main.py (-slr) and total.sh (FedGH -slr 0.01 -se 1)"
 def train_head(head, prototypes, labels, epochs, batch_size, lr, rng):
     """E_s epochs of shuffled batches of (prototype, class) pairs, CE, plain SGD; returns the
     last batch's loss."""
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr)
-    loss = torch.zeros(())
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=rng).to(prototypes.device)
-        for start in range(0, len(labels), batch_size):
-            batch = order[start:start + batch_size]
-            loss = F.cross_entropy(head(prototypes[batch]), labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return loss.item()
+    return train_on_prototypes(head, prototypes, labels, lambda batch, classes: F.cross_entropy(head(batch), classes),
+                               epochs, batch_size, lr, rng)
 
 
 class FedGH(Algorithm):

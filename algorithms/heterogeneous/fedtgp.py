@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from algorithms.heterogeneous.common import (PrototypeMethod, aggregate_prototypes, built_without_drawing,
-                                             model_prototypes)
+                                             model_prototypes, train_on_prototypes)
 from algorithms.personalised.common import seeded_reset_
 from engine import Flag, clone_weights, main
 from utils import UsageError, derived_seed
@@ -108,19 +108,11 @@ def margin_loss(generated, prototypes, labels, margin):
 def train_generator(generator, prototypes, labels, margin, epochs, batch_size, lr, rng):
     """S epochs of shuffled batches over the uploaded (prototype, class) pairs, a fresh plain SGD;
     returns the last batch's loss."""
-    optimizer = torch.optim.SGD(generator.parameters(), lr=lr)
     classes = torch.arange(generator.embedings.num_embeddings, device=prototypes.device)
     generator.train()
-    loss = torch.zeros(())
-    for _ in range(epochs):
-        order = torch.randperm(len(labels), generator=rng).to(prototypes.device)
-        for start in range(0, len(labels), batch_size):
-            batch = order[start:start + batch_size]
-            loss = margin_loss(generator(classes), prototypes[batch], labels[batch], margin)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    return loss.item()
+    return train_on_prototypes(generator, prototypes, labels,
+                               lambda batch, targets: margin_loss(generator(classes), batch, targets, margin),
+                               epochs, batch_size, lr, rng)
 
 
 class FedTGP(PrototypeMethod):
