@@ -23,6 +23,21 @@ def run_script(script, *args, logdir=None, name="run", timeout=600, env=None):
                           env=dict(os.environ, **(env or {})))
 
 
+def random_client_side(algorithm_class, *flags, sizes=(20, 12), labels=None):
+    """(algorithm, data): `algorithm_class` (batch 8, 2 local iterations, `flags`) over random
+    Fashion-MNIST-shaped images drawn from seed 0, one client per entry of `sizes` holding the
+    next that many images; labels 0..9 in turn unless given."""
+    import torch
+    args = algorithm_args(algorithm_class, "--n_parties", len(sizes), "--batch_size", 8,
+                          "--num_local_iterations", 2, *flags)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
+    labels = torch.arange(sum(sizes)) % 10 if labels is None else labels
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return synthetic_client_side(algorithm_class, args, images, labels,
+                                 [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+
+
 def run_scripts(calls, logdir, jobs=2):
     """Several run_script calls at once (`jobs` one-thread processes: this machine's 2 cores);
     calls = {name: (script, [args])}; returns {name: CompletedProcess}."""

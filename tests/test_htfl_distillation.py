@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import algorithm_args, assert_same_tensors, synthetic_client_side
+from conftest import assert_same_tensors, random_client_side
 from algorithms.heterogeneous.feddistill import FedDistill, distillation_targets, soft_cross_entropy
 from algorithms.heterogeneous.fedgen import (FedGen, FedGenPFLlib, Generator, generator_loss, label_distribution,
                                              sample_labels)
@@ -30,12 +30,7 @@ HEAD_FLOATS = 10 * 84 + 10        # a light4 head, [10, 84] + [10]
 
 def make_algorithm(cls, *flags, sizes=(20, 12)):
     """(algorithm, data): `cls` over random Fashion-MNIST-shaped images, one client per size."""
-    args = algorithm_args(cls, "--n_parties", len(sizes), "--batch_size", 8, "--num_local_iterations", 2, *flags)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.arange(sum(sizes)) % 10
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return synthetic_client_side(cls, args, images, labels, [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+    return random_client_side(cls, *flags, sizes=sizes)
 
 
 def server_context(round_index=0):

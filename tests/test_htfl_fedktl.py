@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import cvdataset
-from conftest import algorithm_args, assert_same_tensors, synthetic_client_side
+from conftest import assert_same_tensors, random_client_side
 from algorithms.heterogeneous import generator as gen
 from algorithms.heterogeneous.fedktl import (FedKTL, FedKTLRandomG, FeatureTransformer, PairStream,
                                              alignment_loss, arcface_logits, class_centroids, etf_matrix,
@@ -125,13 +125,8 @@ def test_prototypes_are_normalised_means_of_normalised_outputs():
 
 def make_algorithm(*flags, cls=FedKTL, sizes=(20, 12)):
     """(algorithm, data) over random Fashion-MNIST-shaped images, one client per size, light4 models."""
-    args = algorithm_args(cls, "--n_parties", len(sizes), "--batch_size", 8, "--num_local_iterations", 2,
-                          "--client_models", "light-mlp,light-conv1", "--eval", "local", "--momentum", 0, *flags)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.arange(sum(sizes)) % 7                            # classes 7, 8, 9 absent
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return synthetic_client_side(cls, args, images, labels, [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+    return random_client_side(cls, "--client_models", "light-mlp,light-conv1", "--eval", "local", "--momentum", 0,
+                              *flags, sizes=sizes, labels=torch.arange(sum(sizes)) % 7)   # classes 7, 8, 9 absent
 
 
 def server(round_index=0):

@@ -16,7 +16,7 @@ from torch import nn
 
 import cvdataset
 import models
-from conftest import algorithm_args, assert_same_tensors, synthetic_client_side
+from conftest import assert_same_tensors, random_client_side
 from algorithms.heterogeneous.common import (ClassMeans, NearestPrototype, aggregate_prototypes, class_prototypes,
                                              model_prototypes, prototype_regulariser, prototype_table)
 from algorithms.heterogeneous.fedgh import FedGH
@@ -35,13 +35,7 @@ LIGHT_LENET_FLOATS = 44_426
 def make_algorithm(cls, *flags, sizes=(20, 12), client_models="light4"):
     """(algorithm, data): `cls` over random Fashion-MNIST-shaped images, one client per size,
     labels 0..9 in turn (every client holds every class)."""
-    args = algorithm_args(cls, "--n_parties", len(sizes), "--batch_size", 8, "--num_local_iterations", 2,
-                          "--client_models", client_models, *flags)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.arange(sum(sizes)) % 10
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return synthetic_client_side(cls, args, images, labels, [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+    return random_client_side(cls, "--client_models", client_models, *flags, sizes=sizes)
 
 
 def server_context(round_index=0):

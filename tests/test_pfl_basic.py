@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import algorithm_args, synthetic_client_side
+from conftest import random_client_side
 from algorithms.personalised.ditto import Ditto
 from algorithms.personalised.fedper import FedPer
 from algorithms.personalised.fedrep import FedRep
@@ -25,12 +25,7 @@ MODEL_SIZES = {"simplecnn-mnist": (43_576, 850), "fedavgcnn": (576_896, 5_130)}
 
 def make_algorithm(cls, *flags, sizes=(20, 12)):
     """(algorithm, data): `cls` over random Fashion-MNIST-shaped images, one client per size."""
-    args = algorithm_args(cls, "--n_parties", len(sizes), "--batch_size", 8, "--num_local_iterations", 2, *flags)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.arange(sum(sizes)) % 10
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return synthetic_client_side(cls, args, images, labels, [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+    return random_client_side(cls, *flags, sizes=sizes)
 
 
 def initial_of(algorithm):

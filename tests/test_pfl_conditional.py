@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import algorithm_args, synthetic_client_side
+from conftest import algorithm_args, random_client_side
 from algorithms.personalised.fedcp import FedCP, gumbel_split, mix_heads, mmd_rbf, policy_context
 from algorithms.personalised.feddbe import FedDBE, RunningMean, mean_regulariser
 from algorithms.personalised.gpfl import GPFL, conditional_inputs, gce_loss, magnitude_term
@@ -26,12 +26,7 @@ CPN, GCE, COV = 14_616, 840, 14_616  # D = 84, C = 10: Linear(84->168)+LayerNorm
 
 def make_algorithm(cls, *flags, sizes=(20, 12), labels=None):
     """(algorithm, data): `cls` over random Fashion-MNIST-shaped images, one client per size."""
-    args = algorithm_args(cls, "--n_parties", len(sizes), "--batch_size", 8, "--num_local_iterations", 2, *flags)
-    generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (sum(sizes), 1, 28, 28), generator=generator, dtype=torch.uint8)
-    labels = torch.arange(sum(sizes)) % 10 if labels is None else labels
-    starts = [sum(sizes[:k]) for k in range(len(sizes))]
-    return synthetic_client_side(cls, args, images, labels, [torch.arange(s, s + n) for s, n in zip(starts, sizes)])
+    return random_client_side(cls, *flags, sizes=sizes, labels=labels)
 
 
 def context(algorithm, data, client_id, download, state=None, round_index=0, seed=0):
