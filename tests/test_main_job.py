@@ -8,6 +8,7 @@ import io
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import time
@@ -107,6 +108,15 @@ def test_main_job_pipeline_writes_every_file_and_warm_fedhug_equals_recomputed(t
 
 # ----------------------------------------------------------------------------- progress and TensorBoard
 
+def read_until_quiet(terminal, quiet_seconds=0.5, limit_seconds=10):
+    """All a pseudo-terminal has been given: the kernel hands a pty's output over to the reading
+    side asynchronously, so one os.read may return only the first writes."""
+    drawn, deadline = b"", time.time() + limit_seconds
+    while time.time() < deadline and select.select([terminal], [], [], quiet_seconds)[0]:
+        drawn += os.read(terminal, 100_000)
+    return drawn.decode()
+
+
 def test_job_progress_bar_is_drawn_on_the_terminal_it_is_given(monkeypatch):
     terminal, screen = os.openpty()
     monkeypatch.setenv("FL_JOB", f"2 3 10 40 {time.time() - 60} fedprox seed 0")
@@ -114,7 +124,7 @@ def test_job_progress_bar_is_drawn_on_the_terminal_it_is_given(monkeypatch):
     bar = progress.rounds_bar(0, 0, 20)
     bar.round_done(9)                      # 10 units before this run + 10 rounds = 20 of 40, after ~60 s
     bar.close()
-    drawn = os.read(terminal, 100_000).decode()
+    drawn = read_until_quiet(terminal)
     assert "run.sh [2/3] fedprox seed 0" in drawn and "20/40 rounds" in drawn
     assert re.search(r"1 min 0\d s elapsed, ~1 min 0\d s left", drawn), drawn
     os.close(terminal), os.close(screen)
