@@ -5,7 +5,8 @@ files for Fashion-MNIST); for Fashion-MNIST the Debian package `dataset-fashion-
 (/usr/share/datasets/fashion-mnist/); a torchvision download when the machine is online.
 
 Partitions (SPEC section 2) use numpy's legacy global RNG, seeded by the caller, and give the
-same client index lists as the NIID-Bench lineage for the same seed.
+same client index lists as the NIID-Bench lineage for the same seed. `hyperfl` is HyperFL's
+setting (600 images a client, 80 % from three classes; partition_hyperfl).
 
 Run as a script to inspect a partition without training:
     python cvdataset.py --dataset fashionmnist --partition noniid --beta 0.1 --n_parties 10 --json
@@ -417,6 +418,61 @@ def partition_skew(labels, n_parties, num_classes, classes_per_client):
     return parts
 
 
+HYPERFL_LOCAL_SIZE = 600        # images a client, training and test alike (HyperFL's --local_size)
+HYPERFL_SHARED_PERCENT = 20     # % of them spread evenly over all classes (its --noniid_s)
+
+
+def hyperfl_class_groups(num_classes):
+    """The three classes a client of HyperFL's partition draws most of its images from, by
+    client id mod (classes / 2): [0,1,2], [2,3,4], [4,5,6], [6,7,8], [8,9,0] for 10 classes."""
+    return [[(2 * group + i) % num_classes for i in range(3)] for group in range(num_classes // 2)]
+
+
+def partition_hyperfl(labels, n_parties, num_classes, local_size=HYPERFL_LOCAL_SIZE,
+                      shared_percent=HYPERFL_SHARED_PERCENT):
+    """HyperFL's `mnist_noniid_s` (Pengxin-Guo/HyperFL cnn/data_loader.py; spec
+    datafree-hetero-privacy.md section 3): client k gets `local_size` images, s = local_size *
+    shared_percent / 100 of them evenly over all classes (s // C a class, the last class the
+    rest) and the other local_size - s evenly over the classes hyperfl_class_groups(C)[k mod C/2]
+    (a third each, the last the rest). Each class's images are handed out in one fixed order,
+    client after client; a class that runs out starts again from its first image (so clients
+    share images when they ask for more than a class holds: the test split of 20 clients).
+
+    The order within a class is one np.random.permutation a class (the numpy global RNG, seeded
+    by the caller from --init_seed like every partition). The reference draws nothing: it seeds
+    numpy with 2022 and takes each class in the order of numpy's (unstable, implementation-
+    defined) argsort of the labels. Given that order instead of the permutation, this returns the
+    reference's index sets (checked on Fashion-MNIST, 20 clients, training and test sets)."""
+    if num_classes % 2 or num_classes < 4:
+        raise UsageError(f"--partition hyperfl draws each client's skew from overlapping class triples "
+                         f"[0,1,2], [2,3,4], ...: it needs an even number of classes, at least 4 (got {num_classes})")
+    class_order = [np.random.permutation(np.where(labels == c)[0]) for c in range(num_classes)]
+    handed_out = [0] * num_classes
+
+    def take(c, count):
+        if handed_out[c] + count > len(class_order[c]):
+            handed_out[c] = 0
+        start = handed_out[c]
+        handed_out[c] += count
+        return class_order[c][start:start + count].tolist()
+
+    def even_split(total, parts):
+        return [total // parts] * (parts - 1) + [total - (parts - 1) * (total // parts)]
+
+    shared = local_size * shared_percent // 100
+    groups = hyperfl_class_groups(num_classes)
+    parts = []
+    for k in range(n_parties):
+        indices = []
+        for c, count in enumerate(even_split(shared, num_classes)):
+            indices += take(c, count)
+        group = groups[k % len(groups)]
+        for c, count in zip(group, even_split(local_size - shared, len(group))):
+            indices += take(c, count)
+        parts.append(indices)
+    return parts
+
+
 def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2, min_require_size=10):
     """Client index lists for `partition`; labels is a numpy int array. Uses the global RNGs."""
     labels = np.asarray(labels)
@@ -432,8 +488,10 @@ def partition_data(labels, partition, n_parties, beta, num_classes, skew_class=2
     elif re.fullmatch(r"noniid-skew(-\d+)?", partition):
         k = int(partition.rsplit("-", 1)[1]) if partition.count("-") == 2 else skew_class
         parts = partition_skew(labels, n_parties, num_classes, k)
+    elif partition == "hyperfl":
+        parts = partition_hyperfl(labels, n_parties, num_classes)
     else:
-        raise UsageError(f"unknown --partition '{partition}'; choose iid, noniid, noniid-skew-K or pfllib")
+        raise UsageError(f"unknown --partition '{partition}'; choose iid, noniid, noniid-skew-K, pfllib or hyperfl")
     if min(len(p) for p in parts) == 0:
         raise UsageError(f"--partition {partition} leaves a client with no data; use fewer clients")
     return parts

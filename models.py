@@ -157,13 +157,17 @@ def build_model(name, num_classes, image_shape=None):
     return builder(num_classes)
 
 
-def client_architectures(spec, default, n_parties):
-    """--client_models: a group name or A,B,... -> the architecture of every client (k mod M)."""
+def client_architectures(spec, default, n_parties, assignment="modulo"):
+    """--client_models: a group name or A,B,... -> the architecture of every client.
+    --client_assignment modulo: client k gets entry k mod M (HtFLlib); blocks: the clients in M
+    consecutive blocks, client k gets entry floor(k M / N) (InCo's groups of N/M clients)."""
     if not spec:
         return [default] * n_parties
     names = MODEL_GROUPS.get(spec) or [name.strip() for name in spec.split(",") if name.strip()]
     if not names:
         raise UsageError(f"--client_models '{spec}' names no model; give A,B,... or a group name")
+    if assignment == "blocks":
+        return [names[k * len(names) // n_parties] for k in range(n_parties)]
     return [names[k % len(names)] for k in range(n_parties)]
 
 
@@ -172,7 +176,7 @@ def resolve_models(args):
     shape = DATASET_SHAPES[args.dataset]
     if args.model is None:
         args.model = next(name for name, (_, s) in MODELS.items() if s == shape)
-    names = [args.model] + client_architectures(args.client_models, args.model, args.n_parties)
+    names = [args.model] + client_architectures(args.client_models, args.model, args.n_parties, args.client_assignment)
     for flag, name in zip(["--model"] + ["--client_models"] * args.n_parties, names):
         if name not in MODELS:
             raise UsageError(f"unknown {flag} '{name}'; choose one of {', '.join(MODELS)}"
@@ -261,3 +265,159 @@ for _name in LIGHT4:
                                                                                          num_classes), (1, 28, 28))
 MODEL_GROUPS["hcnns8"] = list(HCNNS8)
 MODEL_GROUPS["light4"] = list(LIGHT4)
+
+
+# ============================================================================ InCo's nested depth families
+# InCo aggregation (Chan et al., ICLR 2024; algorithms/inco/; spec datafree-hetero-privacy.md section 2):
+# clients train sub-models of different depths of one server model. Every member of a family is a
+# name-prefix subset of the deepest one (a client of fewer blocks has the first blocks of each stage,
+# under the same names and shapes), so the server averages each entry over the clients that own it and
+# a group's model is the server model's entries it has. Each stage repeats same-shaped 3x3 convolutions
+# (`<stage>.<J>.conv1/conv2`), the pairs InCo mixes. Client k of N gets member floor(k*5/N)
+# (--client_assignment blocks, InCo's five consecutive groups); --model is the deepest member.
+#
+#     inco5 (spec section 2, derived there for 28x28 grayscale; no BatchNorm, like SimpleCNN):
+#         stem conv(1->32, 3x3, pad 1) ReLU, max-pool 2 (14x14); stage1: blocks of conv(32->32) ReLU
+#         conv(32->32) + input, ReLU; max-pool 2 (7x7); stage2: block 0 conv(32->64) ReLU conv(64->64)
+#         + downsample(1x1 conv 32->64 of the input), ReLU, blocks J >= 1 conv(64->64) ReLU conv(64->64)
+#         + input, ReLU; global average pool; fc(64 -> classes). Names stem.*, stage1.J.conv1.*,
+#         stage2.0.downsample.*, fc.* (head_name "fc"). (blocks in stage1, stage2) and parameters:
+#           inco-cnn-1-1  (1, 1)   77,002        inco-cnn-2-3  (2, 3)  243,210
+#           inco-cnn-1-2  (1, 2)  150,858        inco-cnn-3-3  (3, 3)  261,706  (the server model)
+#           inco-cnn-2-2  (2, 2)  169,354
+#     inco-resnets (the reference's stage splitting, InCo resnet_hetavg_new.py): torchvision's ResNet with
+#         BasicBlocks (widths 64/128/256/512, 7x7 stride-2 stem without bias, BN, 3x3 stride-2 max pool,
+#         torchvision's initialisation) and a 1-channel stem; names as torchvision's (conv1, bn1,
+#         layerS.J.conv1/bn1/conv2/bn2/downsample.0/1, fc). Blocks per stage and parameters (10 classes):
+#           resnet10-stage  [1,1,1,1]   4,904,650     resnet22-stage  [2,2,3,3]  17,076,682
+#           resnet14-stage  [1,1,2,2]  10,805,962     resnet26-stage  [3,3,3,3]  17,446,090  (server)
+#           resnet18-stage  [2,2,2,2]  11,175,370
+#         (the same tensors, names and function as torchvision's ResNet with conv1 made 1-channel).
+#         The reference resizes Fashion-MNIST to 32x32 (ToTensor, Resize(32), no normalisation); here the
+#         28x28 images go in as they are (feature maps 14, 7, 7, 4, 2, 1 instead of 16, 8, 8, 4, 2, 1; the
+#         same parameters) and are normalised as for every model of the suite. BasicBlock is written out
+#         (ResidualBlock) rather than imported: importing torchvision.models costs ~3.6 s a process.
+
+class ResidualBlock(nn.Module):
+    """out = ReLU(conv2(ReLU(conv1(x))) + skip(x)), skip = x, or `downsample`(x) when the stride or the
+    channels change. batch_norm=True: torchvision's BasicBlock (bias-free convs, bn1 after conv1, bn2
+    after conv2, downsample = Sequential(1x1 conv, BN)); False: convs with bias, no BN, downsample = one
+    1x1 conv (inco5)."""
+
+    def __init__(self, in_channels, channels, stride=1, batch_norm=False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=not batch_norm)
+        self.bn1 = nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=not batch_norm)
+        self.bn2 = nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+        self.downsample = None
+        if stride != 1 or in_channels != channels:
+            shortcut = nn.Conv2d(in_channels, channels, 1, stride, bias=not batch_norm)
+            self.downsample = nn.Sequential(shortcut, nn.BatchNorm2d(channels)) if batch_norm else shortcut
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class NestedDepthCNN(nn.Module):
+    """inco5's member with `blocks` = (blocks in stage1, blocks in stage2); features(x) = the 64-d
+    global average of stage2's output, logits = fc(features)."""
+    head_name = "fc"
+
+    def __init__(self, blocks, num_classes, in_channels=1):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, 32, 3, padding=1)
+        self.stage1 = nn.Sequential(*[ResidualBlock(32, 32) for _ in range(blocks[0])])
+        self.stage2 = nn.Sequential(*[ResidualBlock(32 if j == 0 else 64, 64) for j in range(blocks[1])])
+        self.fc = nn.Linear(64, num_classes)
+
+    @property
+    def classifier(self):
+        return self.fc
+
+    def features(self, x):
+        x = torch.max_pool2d(torch.relu(self.stem(x)), 2)
+        x = self.stage2(torch.max_pool2d(self.stage1(x), 2))
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class StageResNet(nn.Module):
+    """torchvision's ResNet over BasicBlocks with `blocks` per stage (layer1..layer4, widths 64..512);
+    features(x) = the 512-d global average of layer4's output, logits = fc(features)."""
+    head_name = "fc"
+
+    def __init__(self, blocks, num_classes, in_channels=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = 64
+        for stage, (width, count) in enumerate(zip((64, 128, 256, 512), blocks), start=1):
+            stride = 1 if stage == 1 else 2
+            layer = [ResidualBlock(channels if j == 0 else width, width, stride if j == 0 else 1, batch_norm=True)
+                     for j in range(count)]
+            self.add_module(f"layer{stage}", nn.Sequential(*layer))
+            channels = width
+        self.fc = nn.Linear(512, num_classes)
+        for module in self.modules():           # torchvision ResNet's initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    @property
+    def classifier(self):
+        return self.fc
+
+    def features(self, x):
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+INCO5 = {"inco-cnn-1-1": (1, 1), "inco-cnn-1-2": (1, 2), "inco-cnn-2-2": (2, 2), "inco-cnn-2-3": (2, 3),
+         "inco-cnn-3-3": (3, 3)}
+INCO_RESNETS = {"resnet10-stage": (1, 1, 1, 1), "resnet14-stage": (1, 1, 2, 2), "resnet18-stage": (2, 2, 2, 2),
+                "resnet22-stage": (2, 2, 3, 3), "resnet26-stage": (3, 3, 3, 3)}
+for _name, _blocks in INCO5.items():
+    register_model(_name, lambda num_classes, b=_blocks: NestedDepthCNN(b, num_classes), (1, 28, 28))
+for _name, _blocks in INCO_RESNETS.items():
+    register_model(_name, lambda num_classes, b=_blocks: StageResNet(b, num_classes), (1, 28, 28))
+MODEL_GROUPS["inco5"] = list(INCO5)
+MODEL_GROUPS["inco-resnets"] = list(INCO_RESNETS)
+
+
+# ============================================================================ HyperFL's target CNN
+# HyperFL (Guo et al., AAAI 2025; hyperfl.py) generates a client's feature extractor with a
+# hypernetwork. Its target model for Fashion-MNIST (Pengxin-Guo/HyperFL cnn/models/cnn.py,
+# CNN_FMNIST), held as a BaseHeadSplit so the suite's algorithms split it where HyperFL does:
+#   base = conv(1->16,5) leaky ReLU pool2, conv(16->32,5,pad 1) leaky ReLU pool2, flatten (800),
+#          fc1 800->128 leaky ReLU                                  115,776 parameters
+#   head = Linear(128 -> classes) (the reference's fc2)               1,290
+#                                                            total 117,066
+# Names base.conv1.*, base.conv2.*, base.fc1.*, head.*.
+
+class HyperFLCNNBase(nn.Module):
+    def __init__(self, in_channels=1, image_size=28, feature_dim=128):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 5)
+        self.conv2 = nn.Conv2d(16, 32, 5, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        side = ((image_size - 4) // 2 - 2) // 2           # 28 -> 24 -> 12 -> 10 -> 5
+        self.fc1 = nn.Linear(32 * side * side, feature_dim)
+
+    def forward(self, x):
+        x = self.pool(nn.functional.leaky_relu(self.conv1(x)))
+        x = self.pool(nn.functional.leaky_relu(self.conv2(x)))
+        return nn.functional.leaky_relu(self.fc1(x.flatten(1)))
+
+
+register_model("hyperfl-cnn", lambda num_classes: BaseHeadSplit(HyperFLCNNBase(), 128, num_classes), (1, 28, 28))

@@ -41,6 +41,22 @@ SCENARIOS = {
                    eval="local", train_ratio=0.75, batch_size=10, lr=0.005, momentum=0.0, reg=0.0,
                    optimizer="sgd", epochs=1, drop_last=True, no_augment=True, sample_fraction=1.0,
                    comm_round=2000),
+    # InCo's (spec/datafree-hetero-privacy.md section 2; InCo-Aggregation main.py/train.py and its
+    # README command): the five nested depths in consecutive client blocks, the deepest as the
+    # server model, Dir(0.5) over 100 clients, 10 % sampled a round, Adam lr 0.001 without weight
+    # decay, 5 epochs of batch 64 (drop_last), no augmentation, 500 rounds, every group model on
+    # the global test set (mean over groups).
+    "inco": dict(dataset="fashionmnist", model="inco-cnn-3-3", client_models="inco5", client_assignment="blocks",
+                 eval="groups", optimizer="adam", lr=0.001, reg=0.0, epochs=5, batch_size=64, drop_last=True,
+                 no_augment=True, partition="noniid", beta=0.5, n_parties=100, sample_fraction=0.1,
+                 comm_round=500),
+    # HyperFL's (spec section 3; Pengxin-Guo/HyperFL cnn/options.py): its target CNN, 600 training
+    # and 600 test images a client with 80 % from three classes (--partition hyperfl), 20 clients,
+    # all every round, 5 epochs of batch 50, SGD lr 0.02 momentum 0.5 weight decay 5e-4, no
+    # augmentation, 200 rounds, each client on its own test split.
+    "hyperfl": dict(dataset="fashionmnist", model="hyperfl-cnn", partition="hyperfl", n_parties=20, eval="local",
+                    batch_size=50, lr=0.02, momentum=0.5, reg=5e-4, optimizer="sgd", epochs=5, no_augment=True,
+                    sample_fraction=1.0, comm_round=200),
 }
 
 # Flags that steer how a run is executed but not what it computes: they may differ between
@@ -48,7 +64,9 @@ SCENARIOS = {
 RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
                      "logdir", "log_file_name", "save_model", "comm_round", "workers",
                      "backend", "ray_address", "load_path", "keep_client_models", "snapshot_rounds",
-                     "tensorboard"}
+                     "tensorboard", "privacy_rounds", "privacy_clients", "privacy_batch_sizes", "privacy_attacks",
+                     "privacy_modes", "privacy_preset", "privacy_iterations", "privacy_restarts",
+                     "privacy_dlg_iterations"}
 
 
 def build_parser(description, algorithm_flags=()):
@@ -62,10 +80,12 @@ def build_parser(description, algorithm_flags=()):
     a("--datadir", default=DEFAULT_DATADIR, help="where to look for the data first")
     a("--scenario", default="none", help="a reference protocol's settings as defaults: none, or pfllib "
       "(PFLlib's FMNIST benchmark: merged Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10, lr 0.005, "
-      "plain SGD, 1 epoch, --eval local); other flags override each setting")
+      "plain SGD, 1 epoch, --eval local), inco (InCo's nested depths, Dir(0.5), 100 clients, Adam, --eval groups) "
+      "or hyperfl (HyperFL's CNN and 600-image clients, --eval local); other flags override each setting")
     a("--partition", default="noniid",
       help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client), "
-           "pfllib (PFLlib's Dirichlet generator, seed 1, with --eval local)")
+           "pfllib (PFLlib's Dirichlet generator, seed 1, with --eval local), hyperfl (600 training and 600 "
+           "test images a client, 80 %% from three classes)")
     a("--beta", type=float, default=0.5, help="Dirichlet concentration for --partition noniid")
     a("--skew_class", type=int, default=2, help="K for --partition noniid-skew")
     a("--min_require_size", type=int, default=10,
@@ -96,6 +116,9 @@ def build_parser(description, algorithm_flags=()):
     a("--client_models", default=None,
       help="architectures of the clients: a group name or A,B,...; client k gets entry k mod M "
            "(default: every client uses --model)")
+    a("--client_assignment", default="modulo", choices=("modulo", "blocks"),
+      help="how --client_models' M entries go to the N clients: modulo (client k gets entry k mod M, "
+           "HtFLlib) or blocks (M consecutive blocks of clients, InCo)")
     # --- run control
     a("--gpu", default="0", help="CUDA device index; falls back to the CPU when CUDA is absent")
     a("--device", default=None, help="explicit device (cpu, cuda, cuda:1); overrides --gpu")
@@ -117,6 +140,20 @@ def build_parser(description, algorithm_flags=()):
     a("--backend", default="local", help="local (in this machine's processes) or ray")
     a("--ray_address", default=None, help="Ray cluster address (default: start a local one)")
     a("--config", default=None, help="YAML file of flag defaults; command-line flags override it")
+    privacy = p.add_argument_group("privacy harness", "gradient-inversion attacks on chosen clients' uploads "
+                                   "(privacy.py); they never change what the run computes")
+    privacy.add_argument("--privacy_rounds", default="", help="comma-separated rounds to attack (empty: no harness)")
+    privacy.add_argument("--privacy_clients", default="0", help="comma-separated clients to attack (when sampled)")
+    privacy.add_argument("--privacy_batch_sizes", default="1", help="images B a probe batch holds (spec: 1,4,8)")
+    privacy.add_argument("--privacy_attacks", default="ig", help="ig (Inverting Gradients), dlg, idlg")
+    privacy.add_argument("--privacy_modes", default="probe", help="probe (one step on B images, no augmentation) "
+                         "and/or realistic (the actual upload)")
+    privacy.add_argument("--privacy_preset", default="cli", help="Inverting Gradients settings: cli "
+                         "(reconstruct_image.py: tv 1e-4, signed, 24,000 iterations) or library (DEFAULT_CONFIG)")
+    privacy.add_argument("--privacy_iterations", type=int, default=0, help="Inverting Gradients iterations "
+                         "(0: the preset's)")
+    privacy.add_argument("--privacy_restarts", type=int, default=0, help="Inverting Gradients restarts (0: the preset's)")
+    privacy.add_argument("--privacy_dlg_iterations", type=int, default=300, help="DLG / iDLG L-BFGS steps (DLG's 300)")
     group = p.add_argument_group("algorithm flags")
     for flag in algorithm_flags:
         source = f" [default from {flag.source}]" if flag.source else ""

@@ -84,6 +84,10 @@ class ClientContext:
     log_lines: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)     # figures for metrics.jsonl's client_metrics (drift, budget, ...)
     artifacts: dict = field(default_factory=dict)   # tensors saved in the run directory, never uploaded
+    # the privacy probe (privacy.py) only: train on this one normalised (x, y) batch, as it is, for
+    # `override_steps` steps, instead of the client's stream and local_steps (None: the run's own)
+    override_batch: tuple = None
+    override_steps: int = None
 
     def log(self, line):
         """A log line, printed by the engine after this client in sampled order."""
@@ -115,6 +119,16 @@ class ServerContext:
 
 
 # ============================================================================ helpers
+
+class FixedBatch:
+    """A stream serving one (x, y) batch at every step: ClientContext.override_batch (the privacy probe)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def next(self):
+        return self.batch
+
 
 def clone_weights(weights):
     return {k: v.detach().clone() for k, v in weights.items()}
@@ -251,7 +265,10 @@ class Algorithm:
     def local_steps(self, ctx):
         """Optimiser steps of a client's round: --num_local_iterations, or with --epochs E,
         E passes over its data, E * ceil(n_k / batch_size) (the last batch of a pass smaller),
-        E * floor(n_k / batch_size) with --drop_last (at least one)."""
+        E * floor(n_k / batch_size) with --drop_last (at least one). The privacy probe's
+        ctx.override_steps wins over both."""
+        if ctx.override_steps is not None:
+            return ctx.override_steps
         if self.args.epochs:
             return self.args.epochs * self.batches_per_epoch(ctx.data.num_samples)
         return self.args.num_local_iterations
@@ -313,7 +330,7 @@ class Algorithm:
         the client's shuffled, augmented batches. Returns {"train_loss": mean, "steps": steps}.
         Algorithms with phases (head then body, personal then global) call it once a phase."""
         loss = loss or self.local_loss
-        stream = ctx.data.stream(ctx.generator)
+        stream = ctx.data.stream(ctx.generator) if ctx.override_batch is None else FixedBatch(ctx.override_batch)
         model.train()
         optimizer = optimizer or self.make_optimizer(parameters)
         loss_sum = torch.zeros((), device=self.device)

@@ -18,6 +18,13 @@ NIID-Bench's Dirichlet loop with a minimum of floor(min(10 / (1 - train_ratio), 
 samples a client (40 for 70,000 samples and 20 clients; 10 is the generator's batch size) and
 no final per-client shuffle, then the split above continuing that RNG. --init_seed still
 seeds the models and training.
+
+--partition hyperfl is HyperFL's setting (cvdataset.partition_hyperfl): the official training
+set is partitioned (600 images a client), and under --eval local each client's test split is
+built the same way from the official test set (600 images each, continuing the numpy RNG;
+images repeat across clients when they ask for more than a class holds), as the reference's
+per-client test loaders are; --train_ratio plays no part. Under --eval global the clients
+hold their training part and the whole official test set scores the global model.
 """
 import contextlib
 import math
@@ -109,11 +116,16 @@ def load_federated_data(args, device, dataset=None):
             least = math.floor(min(PFLLIB_GENERATOR_BATCH / (1 - args.train_ratio), len(labels) / args.n_parties / 2))
             client_indices = cvdataset.partition_dirichlet(labels.numpy(), args.n_parties, args.beta,
                                                            dataset.num_classes, least, shuffle_clients=False)
-        else:
-            client_indices = cvdataset.partition_data(labels.numpy(), args.partition, args.n_parties, args.beta,
+        else:       # hyperfl: the training part of the pool (its first len(train_labels) samples) alone
+            partitioned = dataset.train_labels if args.partition == "hyperfl" else labels
+            client_indices = cvdataset.partition_data(partitioned.numpy(), args.partition, args.n_parties, args.beta,
                                                       dataset.num_classes, args.skew_class, args.min_require_size)
         test_parts = [None] * len(client_indices)
-        if args.eval == "local":
+        if args.eval == "local" and args.partition == "hyperfl":
+            offset = len(dataset.train_labels)          # the test set's place in the pool
+            test_parts = [np.asarray(part, dtype=np.int64) + offset for part in
+                          cvdataset.partition_hyperfl(dataset.test_labels.numpy(), args.n_parties, dataset.num_classes)]
+        elif args.eval == "local":
             splits = [split_train_test(len(idx), args.train_ratio) for idx in client_indices]
             test_parts = [np.asarray(idx)[test] for idx, (_, test) in zip(client_indices, splits)]
             client_indices = [np.asarray(idx)[train] for idx, (train, _) in zip(client_indices, splits)]

@@ -57,6 +57,7 @@ def summarise_local(evaluations):
         per_client = [correct / tested for correct, tested in counts]
         scores.update({f"accuracy{suffix}": sum(c for c, _ in counts) / sum(n for _, n in counts),
                        f"client_accuracies{suffix}": per_client,
+                       f"client_accuracy_mean{suffix}": float(np.mean(per_client)),   # unweighted (HyperFL's)
                        f"client_accuracy_std{suffix}": float(np.std(per_client))})
     return scores
 

@@ -18,7 +18,8 @@ from utils import derived_seed
 
 def make_setting(args, data, device, initial_weights):
     return Setting(args=args, num_classes=data.num_classes, image_shape=data.dataset.image_shape,
-                   device=device, client_models=client_architectures(args.client_models, args.model, args.n_parties),
+                   device=device, client_models=client_architectures(args.client_models, args.model, args.n_parties,
+                                                                        args.client_assignment),
                    num_samples=[client.num_samples for client in data.clients],
                    class_counts=torch.tensor(data.class_counts, dtype=torch.long),
                    initial_weights=initial_weights)

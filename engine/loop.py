@@ -313,6 +313,9 @@ class Run:
         if a.tensorboard:
             from torch.utils.tensorboard import SummaryWriter     # checked to exist by utils.validate_args
             self.tensorboard = SummaryWriter(self.dir.file("tensorboard"))
+        for observer in self.observers:
+            if hasattr(observer, "attach"):      # observers that need the run itself (the privacy harness)
+                observer.attach(self)
         try:
             if self.start_round == 0 and not self.dir.records:
                 self.initialise()
@@ -378,6 +381,9 @@ def main(algorithm_class, argv=None, observers=()):
             raise UsageError(f"{algorithm_class.name} ends with a model per client: run it with --eval "
                              f"{' or '.join(algorithm_class.evaluations)} (or --scenario pfllib)")
         algorithm_class.check_args(args)
+        if args.privacy_rounds:
+            from privacy import PrivacyObserver     # the gradient-inversion harness (privacy.py)
+            observers = (*observers, PrivacyObserver.from_args(args))
         if checkpoint is not None:
             if checkpoint["config"].get("algorithm") != algorithm_class.name:
                 found = checkpoint["config"].get("algorithm")

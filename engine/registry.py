@@ -32,7 +32,10 @@ class Entry:
         """[script, flag, value, ...]: what runs this algorithm with its presets."""
         words = [self.script] + (["--algorithm", self.name] if self.script == "main.py" else [])
         for flag, value in self.presets.items():
-            words += [f"--{flag}", str(value)]
+            if value is True:                   # an on/off flag: present or absent
+                words.append(f"--{flag}")
+            elif value is not False:
+                words += [f"--{flag}", str(value)]
         return words
 
 
@@ -80,6 +83,20 @@ ALGORITHMS = {entry.name: entry for entry in [
           "heterogeneous"),
     Entry("fedktl-randg", "FedKTL-randG (untrained G)", "algorithms.heterogeneous.fedktl", "FedKTLRandomG", "main.py",
           "heterogeneous"),
+    # nested-depth models, InCo's way (algorithms/inco/; the reference protocol: --scenario inco)
+    Entry("heteroavg", "HeteroAvg", "algorithms.inco.heteroavg", "HeteroAvg", "main.py", "inco"),
+    Entry("incoavg", "InCoAvg", "algorithms.inco.inco", "InCoAvg", "main.py", "inco"),
+    Entry("heteroprox", "HeteroProx", "algorithms.inco.heteroavg", "HeteroProx", "main.py", "inco"),
+    Entry("incoprox", "InCoProx", "algorithms.inco.inco", "InCoProx", "main.py", "inco"),
+    Entry("heteroscaffold", "HeteroScaffold", "algorithms.inco.heteroavg", "HeteroScaffold", "main.py", "inco"),
+    Entry("incoscaffold", "InCoScaffold", "algorithms.inco.inco", "InCoScaffold", "main.py", "inco"),
+    Entry("heteronova", "HeteroNova", "algorithms.inco.heteroavg", "HeteroNova", "main.py", "inco"),
+    Entry("inconova", "InCoNova", "algorithms.inco.inco", "InCoNova", "main.py", "inco"),
+    Entry("heteromoon", "HeteroMOON", "algorithms.inco.heteroavg", "HeteroMOON", "main.py", "inco"),
+    Entry("incomoon", "InCoMOON", "algorithms.inco.inco", "InCoMOON", "main.py", "inco"),
+    # a shared hypernetwork, private embedding and head (hyperfl.py; the reference protocol: --scenario hyperfl)
+    Entry("hyperfl", "HyperFL", "hyperfl", "HyperFL", "hyperfl.py", "hyperfl"),
+    Entry("fedavg-trained", "FedAvg (after local training)", "hyperfl", "FedAvgTrained", "main.py", "hyperfl"),
 ]}
 
 
@@ -103,9 +120,9 @@ def describe():
         if algorithm in shown:
             continue
         shown.add(algorithm)
-        base = algorithm.__mro__[1]
-        if base.__name__ != "Algorithm":
-            lines.append(f"{'':12}(and the flags of {base.__name__})")
+        bases = [base.__name__ for base in algorithm.__mro__[1:] if vars(base).get("flags")]
+        if bases:
+            lines.append(f"{'':12}(and the flags of {', '.join(bases)})")
         for flag in vars(algorithm).get("flags", ()):
             source = f"  [from {flag.source}]" if flag.source else ""
             lines.append(f"{'':12}--{flag.name} {flag.default!r}: {flag.help}{source}")

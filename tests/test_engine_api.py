@@ -294,7 +294,7 @@ def test_a_flag_of_another_algorithm_is_refused_in_one_line(tmp_path):
     result = run_script("fedhug.py", "--mu", "0.1", logdir=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == \
-        "error: --mu is not a flag of fedhug (it is a flag of fedprox, moon); see --help"
+        "error: --mu is not a flag of fedhug (it is a flag of fedprox, moon, heteroprox, incoprox, heteromoon, incomoon); see --help"
     assert not (tmp_path / "run").exists()
 
 

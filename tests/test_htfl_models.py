@@ -73,6 +73,14 @@ def test_client_k_gets_member_k_mod_m():
     assert args.client_models == "light4"
 
 
+def test_blocks_assignment_gives_consecutive_clients_one_model():
+    # InCo's groups: 20 clients, 5 models -> clients 0-3 model 0, 4-7 model 1, ...; 7 clients over 3 -> 3/2/2 split by floor(kM/N)
+    assert models.client_architectures("a,b,c,d,e", None, 20, "blocks") == [n for n in "abcde" for _ in range(4)]
+    assert models.client_architectures("a,b,c", None, 7, "blocks") == list("aaabbcc")
+    with pytest.raises(SystemExit):
+        algorithm_args(LGFedAvg, "--client_models", "light4", "--client_assignment", "random")
+
+
 def test_light4_members_are_simplecnn_sized_and_share_only_the_head_by_name():
     assert models.MODEL_GROUPS["light4"] == list(LIGHT4_COUNTS)
     states = {}

@@ -105,7 +105,7 @@ def test_drop_last_epochs_take_full_batches_only(pfllib_data):
     args, data = pfllib_data
     algorithm, _ = build_client_side(FedAvg, args, None, torch.device("cpu"), data.dataset)
     client = data.clients[0]                                  # 61 training samples at batch 10
-    ctx = type("Ctx", (), {"data": client})
+    ctx = type("Ctx", (), {"data": client, "override_steps": None})
     assert algorithm.local_steps(ctx) == 6
     stream = client.stream(torch.Generator().manual_seed(0))
     seen = [stream.next()[1] for _ in range(12)]
