@@ -362,9 +362,9 @@ def test_bad_flags_are_usage_errors(capsys):
 
 
 @pytest.mark.parametrize("algorithm_class,flag,owners", [
-    (FedHUG, "--mu", "fedprox, moon"),
-    (SCAFFOLD, "--mu", "fedprox, moon"),
-    (FedNova, "--temperature", "moon"),
+    (FedHUG, "--mu", "fedprox, moon, heteroprox, incoprox, heteromoon, incomoon"),
+    (SCAFFOLD, "--mu", "fedprox, moon, heteroprox, incoprox, heteromoon, incomoon"),
+    (FedNova, "--temperature", "moon, heteromoon, incomoon"),
     (FedProx, "--g_steps", "fedhug"),
 ])
 def test_a_flag_of_another_algorithm_is_refused_naming_its_owners(algorithm_class, flag, owners, capsys, tmp_path):

@@ -145,7 +145,7 @@ BAD_INPUTS = [
     (["--eval", "personal"], "unknown --eval 'personal'"),
     (["--train_ratio", "1"], "--train_ratio must be in (0, 1)"),
     (["--client_models", "simplecnn-mnist,resnet"], "unknown --client_models 'resnet'"),
-    (["--mu", "0.1"], "--mu is not a flag of fedavg (it is a flag of fedprox, moon)"),
+    (["--mu", "0.1"], "--mu is not a flag of fedavg (it is a flag of fedprox, moon, heteroprox, incoprox, heteromoon, incomoon)"),
     (["--g_steps", "3"], "--g_steps is not a flag of fedavg (it is a flag of fedhug)"),
 ]
 

@@ -155,7 +155,7 @@ def test_flags_of_other_algorithms_are_refused(capsys, tmp_path):
                 "--g_steps", "1", "--checkpoint_every", "0", "--threads", "1", "--logdir", str(tmp_path)]
     assert main(FedHUG, [*tiny_run, "--mu", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert "error: --mu is not a flag of fedhug (it is a flag of fedprox, moon); see --help" in err
+    assert "error: --mu is not a flag of fedhug (it is a flag of fedprox, moon, heteroprox, incoprox, heteromoon, incomoon); see --help" in err
     assert "Traceback" not in err
 
 

@@ -140,7 +140,7 @@ def test_ditto_personal_step_is_the_proximal_step_computed_by_hand(mu, weight, b
         global_model.weight.fill_(1.0), global_model.bias.copy_(torch.tensor([1.0, -1.0]))
     x, y = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, -1.0]]), torch.tensor([0, 1])
     ctx = SimpleNamespace(client_id=0, round=0, step=0, generator=None, global_model=global_model,
-                          data=SimpleNamespace(stream=lambda *a, **k: OneBatch(x, y)))
+                          data=SimpleNamespace(stream=lambda *a, **k: OneBatch(x, y)), override_batch=None)
     metrics = algorithm.train(ctx, personal, personal.parameters(), 1, loss=algorithm.personal_loss)
     assert torch.allclose(personal.weight, torch.tensor(weight), atol=1e-7)
     assert torch.allclose(personal.bias, torch.tensor(bias), atol=1e-7)
