@@ -145,3 +145,12 @@ def test_lgfedavg_runs_over_light4_above_chance(tmp_path):
     records = [json.loads(line) for line in open(tmp_path / "lg" / "metrics.jsonl")]
     assert records[-1]["accuracy"] > 0.25
     assert all(r["bytes_uploaded_by_kind"]["weights"] == 4 * 4 * 850 for r in records[:-1])
+
+
+def test_lgfedavg_refuses_a_server_head_no_client_shares(tmp_path, capsys):
+    # simplecnn-mnist's head is classifier.fc.*, light4's is head.*: nothing would be averaged
+    argv = ["--client_models", "light4", "--model", "simplecnn-mnist", "--n_parties", 4, "--num_local_iterations", 1,
+            "--comm_round", 1, "--batch_size", 8, "--threads", 1, "--eval", "local", "--logdir", tmp_path]
+    assert main(LGFedAvg, list(map(str, argv))) == 2
+    assert "head has no entry in common with that of --model simplecnn-mnist: nothing would be shared" \
+        in capsys.readouterr().err

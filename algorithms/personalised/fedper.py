@@ -35,6 +35,7 @@ The class is written for a split into a shared and a personal part named by `sha
 import sys
 
 from engine import Algorithm, clone_weights, main, split_head
+from utils import UsageError
 
 
 class FedPer(Algorithm):
@@ -53,6 +54,12 @@ class FedPer(Algorithm):
 
     def compose_weights(self, architecture, download, state):
         """The initial weights, overwritten by the downloaded shared part and the kept personal part."""
+        received = download.get("weights", {})
+        own = self.parts(self.setting.initial_weights[architecture], architecture)[self.shared_part]
+        if received and own and not set(own) & set(received):
+            raise UsageError(f"a {architecture} client's {self.shared_part} has no entry in common with that of "
+                             f"--model {self.args.model}: nothing would be shared; give --model a member of "
+                             "--client_models whose " f"{self.shared_part} fits the others'")
         weights = super().compose_weights(architecture, download, state)
         weights.update(state.get(self.personal_part, {}))
         return weights
