@@ -314,6 +314,22 @@ class HyperFL(Algorithm):
         trained = self.frozen_model("trained", ctx.architecture, {**ctx.state["trained_extractor"], **classifier})
         return {"trained": trained, "downloaded": downloaded}
 
+    def privacy_surface(self, model, download, result, state_before, mode):
+        """The hypernetwork-aware attacker for privacy.py's probe (recover_extractor_gradient below):
+        one step's phi delta gives the extractor's gradient and the extractor itself; the
+        classifier never leaves the client, so this attacker is handed the client's classifier
+        as phase 1 left it (an ORACLE row, labelled in privacy.jsonl's note)."""
+        from privacy import AttackSurface, model_gradient_fn
+        if mode != "probe":
+            return "HyperFL's hypernetwork-aware attacker reads one SGD step: probe mode only"
+        revealed = recover_extractor_gradient(download, result.upload, self.args.lr, self.args.reg, self.shapes)
+        names = list(self.shapes)
+        weights = {**{name: theta.float() for name, theta in revealed["extractor"].items()},
+                   **result.state["classifier"]}
+        return AttackSurface(model_gradient_fn(model, weights, names), [revealed["gradient"][n].float() for n in names],
+                             kind="extractor_gradient",
+                             note="oracle: the attacker is given the client's private classifier")
+
 
 # ============================================================================ the FedAvg baseline
 

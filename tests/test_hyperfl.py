@@ -361,3 +361,14 @@ def test_bad_flags_end_in_one_line(tmp_path, capsys):
                            (["--hypernet_hidden_dim", 100_000], "needs a hypernetwork of 248,902,424 parameters")):
         assert main(HyperFL, [*map(str, RUN), *map(str, flags), "--logdir", str(tmp_path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_the_privacy_probe_attacks_hyperfl_through_its_recovered_extractor_gradient(tmp_path):
+    # the harness (privacy.py) calls HyperFL.privacy_surface: target = the extractor gradient read
+    # from one step's phi delta, the attacker handed the client's classifier (an oracle, labelled)
+    status, run_dir = run(HyperFL, tmp_path, "attacked", "--comm_round", 2, "--privacy_rounds", 1,
+                          "--privacy_attacks", "ig", "--privacy_preset", "library", "--privacy_iterations", 20)
+    assert status == 0
+    records = [json.loads(line) for line in open(run_dir / "privacy.jsonl")]
+    assert records and all(r["target"] == "extractor_gradient" and "oracle" in r["target_note"] for r in records)
+    assert all(np.isfinite(r["psnr_mean"]) for r in records)

@@ -11,6 +11,6 @@ run moon.py $B --log_file_name moon &
 run scaffold.py $B --log_file_name scaffold
 wait
 run fedhug.py $B --start_round 0 --g_steps 20 --log_file_name fedhug &
-run hyperfl.py --scenario hyperfl --n_parties 5 --epochs 1 --comm_round 2 --log_file_name hyperfl
+run hyperfl.py --scenario hyperfl --n_parties 5 --epochs 1 --comm_round 2 --log_file_name hyperfl   # oracle classifier
 wait
 .venv/bin/python privacy.py log/privacy-probe -o log/privacy-probe/table
