@@ -103,3 +103,38 @@ def assert_same_tensors(expected, found, where="value"):
             assert_same_tensors(e, f, f"{where}[{i}]")
     else:
         assert expected == found, where
+
+
+def records_of(run_dir):
+    """A run directory's metrics.jsonl records."""
+    import json
+    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+
+
+def interrupt_after(round_index):
+    """An observer pressing Ctrl-C as round `round_index` ends (before its checkpoint)."""
+    from engine import Observer
+
+    class InterruptAfter(Observer):
+        def end_round(self, index):
+            if index == round_index:
+                raise KeyboardInterrupt
+            return {}
+
+    return InterruptAfter()
+
+
+def assert_resume_equals_uninterrupted(algorithm_class, whole, interrupted, server_keys):
+    """Resume the run `interrupted` (stopped by interrupt_after) to its end; then its records (but
+    the seconds), its log and its checkpoint's server and client states equal the
+    uninterrupted run `whole`'s, and the server state holds exactly `server_keys`."""
+    from engine import main
+    assert main(algorithm_class, ["--resume", str(interrupted), "--threads", "1"]) == 0
+    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
+    assert strip[0] == strip[1]
+    assert (whole / "log.txt").read_text() == (interrupted / "log.txt").read_text()
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
+    assert set(a["server_state"]) == set(server_keys)
+    assert_same_tensors(a["server_state"], b["server_state"])
+    assert_same_tensors(a["client_states"], b["client_states"])

@@ -4,7 +4,6 @@ distillation with detached targets (no gradient crosses between the networks), F
 factorisation, reconstruction and energy rank, the bytes of every upload kind, one short
 --eval local run of each over a heterogeneous model set (light4) ending above chance, and a FedGen
 run interrupted and resumed that equals the uninterrupted one."""
-import json
 import math
 from types import SimpleNamespace
 
@@ -13,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import assert_same_tensors, random_client_side
+from conftest import (assert_resume_equals_uninterrupted, assert_same_tensors, interrupt_after,
+                      random_client_side, records_of)
 from algorithms.heterogeneous.feddistill import FedDistill, distillation_targets, soft_cross_entropy
 from algorithms.heterogeneous.fedgen import (FedGen, FedGenPFLlib, Generator, generator_loss, label_distribution,
                                              sample_labels)
 from algorithms.heterogeneous.fedkd import FedKD, compress, energy_rank, reconstruct
 from algorithms.heterogeneous.fml import FML, Networks, mutual_kl
-from engine import ClientResult, Observer, ServerContext, main, payload_bytes, weighted_average
+from engine import ClientResult, ServerContext, main, payload_bytes, weighted_average
 from engine.executors import run_client
 
 torch.set_num_threads(1)
@@ -386,9 +386,6 @@ RUN = ["--n_parties", 4, "--client_models", "light4", "--beta", 0.1, "--train_ra
        "--eval", "local"]
 
 
-def records_of(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
 
 def run(cls, tmp_path, *flags, name=None, observers=()):
     """A short --eval local run of `cls` in this process: (records, checkpoint). Rounds 0-2 are scored
@@ -430,17 +427,6 @@ def test_short_runs_end_above_chance_and_send_what_each_method_shares(cls, kinds
         assert records[0]["bytes_downloaded"] == 0 and 0 < records[1]["bytes_downloaded_per_client"][0] <= 400
 
 
-class InterruptAfter(Observer):
-    """Ctrl-C as round `round_index` ends (before its checkpoint)."""
-
-    def __init__(self, round_index):
-        self.round_index = round_index
-
-    def end_round(self, round_index):
-        if round_index == self.round_index:
-            raise KeyboardInterrupt
-        return {}
-
 
 def test_fedgen_runs_above_chance_and_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     status, whole = run(FedGen, tmp_path, "--gen_noise_dim", 32, name="whole")     # total.sh's -nd 32
@@ -451,15 +437,7 @@ def test_fedgen_runs_above_chance_and_a_resumed_run_equals_the_uninterrupted_one
         assert record["bytes_uploaded_by_kind"] == {"head": 4 * 4 * HEAD_FLOATS, "num_samples": 32}
         assert record["bytes_downloaded_by_kind"]["head"] == 4 * 4 * HEAD_FLOATS
     status, interrupted = run(FedGen, tmp_path, "--gen_noise_dim", 32, name="interrupted",
-                              observers=[InterruptAfter(1)])
+                              observers=[interrupt_after(1)])
     assert status == 130
     assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["round"] == 0
-    assert main(FedGen, ["--resume", str(interrupted), "--threads", "1"]) == 0
-    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
-    assert strip[0] == strip[1]
-    assert (whole / "log.txt").read_text() == (interrupted / "log.txt").read_text()
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert set(a["server_state"]) == {"weights", "head", "generator"}
-    assert_same_tensors(a["server_state"], b["server_state"])
-    assert_same_tensors(a["client_states"], b["client_states"])
+    assert_resume_equals_uninterrupted(FedGen, whole, interrupted, {"weights", "head", "generator"})

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import cvdataset
-from conftest import assert_same_tensors, random_client_side
+from conftest import (assert_resume_equals_uninterrupted, assert_same_tensors, interrupt_after,
+                      random_client_side, records_of)
 from algorithms.heterogeneous import generator as gen
 from algorithms.heterogeneous.fedktl import (FedKTL, FedKTLRandomG, FeatureTransformer, PairStream,
                                              alignment_loss, arcface_logits, class_centroids, etf_matrix,
                                              etf_vertices, output_prototypes, server_batches)
-from engine import ClientContext, Observer, ServerContext, main, payload_bytes
+from engine import ClientContext, ServerContext, main, payload_bytes
 from engine.executors import run_client
 
 torch.set_num_threads(1)
@@ -304,20 +305,6 @@ def run(cls, tmp_path, cache, *flags, name=None, observers=()):
     return status, tmp_path / name
 
 
-def records_of(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
-class InterruptAfter(Observer):
-    """Ctrl-C as round `round_index` ends (before its checkpoint)."""
-
-    def __init__(self, round_index):
-        self.round_index = round_index
-
-    def end_round(self, round_index):
-        if round_index == self.round_index:
-            raise KeyboardInterrupt
-        return {}
 
 
 def test_a_short_run_ends_above_chance_labelled_and_a_resumed_run_equals_it(tmp_path, generator_cache,
@@ -340,18 +327,11 @@ def test_a_short_run_ends_above_chance_labelled_and_a_resumed_run_equals_it(tmp_
     assert len(lines) == 2 + 3 and all("substitute" in line and "not StyleGAN-XL" in line for line in lines)
     assert "loaded from the cache" in lines[0] and "pre-trained by the server on sklearn-digits" in lines[0]
 
-    status, interrupted = run(FedKTL, tmp_path, generator_cache, name="interrupted", observers=[InterruptAfter(1)])
+    status, interrupted = run(FedKTL, tmp_path, generator_cache, name="interrupted", observers=[interrupt_after(1)])
     assert status == 130
-    assert main(FedKTL, ["--resume", str(interrupted), "--threads", "1"]) == 0
-    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
-    assert strip[0] == strip[1]
-    assert (whole / "log.txt").read_text() == (interrupted / "log.txt").read_text()
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert set(a["server_state"]) == {"weights", "etf", "proj_fc", "transformer", "centroids", "generator",
-                                      "generator_config", "pairs", "rounds_aggregated"}
-    assert_same_tensors(a["server_state"], b["server_state"])
-    assert_same_tensors(a["client_states"], b["client_states"])
+    assert_resume_equals_uninterrupted(FedKTL, whole, interrupted, {"weights", "etf", "proj_fc", "transformer", "centroids",
+                                                                    "generator", "generator_config", "pairs",
+                                                                    "rounds_aggregated"})
 
 
 def test_the_untrained_generator_ablation_runs_and_says_so(tmp_path, small_fashion_mnist):

@@ -6,7 +6,6 @@ hundred bytes to a few kilobytes, where the models are hundreds of kilobytes; Lo
 one short --eval local run of each over light4 ending above chance; a FedTGP run interrupted and
 resumed that equals the uninterrupted one."""
 import dataclasses
-import json
 import math
 from types import SimpleNamespace
 
@@ -16,14 +15,15 @@ from torch import nn
 
 import cvdataset
 import models
-from conftest import assert_same_tensors, random_client_side
+from conftest import (assert_resume_equals_uninterrupted, assert_same_tensors, interrupt_after,
+                      random_client_side, records_of)
 from algorithms.heterogeneous.common import (ClassMeans, NearestPrototype, aggregate_prototypes, class_prototypes,
                                              model_prototypes, prototype_regulariser, prototype_table)
 from algorithms.heterogeneous.fedgh import FedGH
 from algorithms.heterogeneous.fedproto import FedProto
 from algorithms.heterogeneous.fedtgp import FedTGP, PrototypeGenerator, adaptive_margin, train_generator
 from algorithms.heterogeneous.local import Local
-from engine import ClientContext, ClientResult, Observer, ServerContext, main, payload_bytes
+from engine import ClientContext, ClientResult, ServerContext, main, payload_bytes
 from engine.executors import run_client
 
 torch.set_num_threads(1)
@@ -273,9 +273,6 @@ def run(cls, tmp_path, *flags, name=None, observers=()):
     return status, tmp_path / name
 
 
-def records_of(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
 
 @pytest.mark.parametrize("cls, flags", [(FedProto, ["--proto_lambda", 1]), (FedTGP, []),
                                         (FedGH, []), (Local, [])])
@@ -312,31 +309,12 @@ def test_prototype_methods_refuse_client_models_of_different_feature_sizes(tmp_p
     assert "differ (simplecnn-mnist 84, fedavgcnn 512)" in capsys.readouterr().err
 
 
-class InterruptAfter(Observer):
-    """Ctrl-C as round `round_index` ends (before its checkpoint)."""
-
-    def __init__(self, round_index):
-        self.round_index = round_index
-
-    def end_round(self, round_index):
-        if round_index == self.round_index:
-            raise KeyboardInterrupt
-        return {}
-
 
 def test_fedtgp_resumed_run_equals_the_uninterrupted_one(tmp_path, small_fashion_mnist):
     flags = ["--tgp_server_epochs", 5, "--num_local_iterations", 5, "--sample_fraction", 0.75]
     status, whole = run(FedTGP, tmp_path, *flags, name="whole")
     assert status == 0
-    status, interrupted = run(FedTGP, tmp_path, *flags, name="interrupted", observers=[InterruptAfter(1)])
+    status, interrupted = run(FedTGP, tmp_path, *flags, name="interrupted", observers=[interrupt_after(1)])
     assert status == 130
     assert torch.load(interrupted / "checkpoint.pt", weights_only=True)["round"] == 0
-    assert main(FedTGP, ["--resume", str(interrupted), "--threads", "1"]) == 0
-    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
-    assert strip[0] == strip[1]
-    assert (whole / "log.txt").read_text() == (interrupted / "log.txt").read_text()
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert set(a["server_state"]) == {"weights", "prototypes", "generator"}
-    assert_same_tensors(a["server_state"], b["server_state"])
-    assert_same_tensors(a["client_states"], b["client_states"])
+    assert_resume_equals_uninterrupted(FedTGP, whole, interrupted, {"weights", "prototypes", "generator"})

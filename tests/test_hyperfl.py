@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cvdataset
-from conftest import algorithm_args, assert_same_tensors, random_client_side
-from engine import ClientContext, Observer, ServerContext, main, payload_bytes, weighted_average
+from conftest import (algorithm_args, assert_resume_equals_uninterrupted, assert_same_tensors,
+                      interrupt_after, random_client_side, records_of)
+from engine import ClientContext, ServerContext, main, payload_bytes, weighted_average
 from engine.data import load_federated_data
 from engine.executors import run_client
 from hyperfl import (FedAvgTrained, GroupClippedSGD, HyperFL, HyperFLClient, HyperNetwork, extractor_shapes,
@@ -296,20 +297,6 @@ def run(cls, tmp_path, name, *flags, observers=()):
     return status, tmp_path / name
 
 
-def records_of(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
-
-class InterruptAfter(Observer):
-    """Ctrl-C as round `round_index` ends (before its checkpoint)."""
-
-    def __init__(self, round_index):
-        self.round_index = round_index
-
-    def end_round(self, round_index):
-        if round_index == self.round_index:
-            raise KeyboardInterrupt
-        return {}
 
 
 def test_hyperfl_runs_above_chance_sends_only_phi_and_resumes_as_if_uninterrupted(tmp_path):
@@ -324,16 +311,9 @@ def test_hyperfl_runs_above_chance_sends_only_phi_and_resumes_as_if_uninterrupte
                for r in records[:-1])
     assert all(set(r["client_metrics"]["0"]) == {"classifier_loss"} for r in records[:-1])
 
-    status, interrupted = run(HyperFL, tmp_path, "interrupted", observers=[InterruptAfter(1)])
+    status, interrupted = run(HyperFL, tmp_path, "interrupted", observers=[interrupt_after(1)])
     assert status == 130
-    assert main(HyperFL, ["--resume", str(interrupted), "--threads", "1"]) == 0
-    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
-    assert strip[0] == strip[1]
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert set(a["server_state"]) == {"hypernetwork"}
-    assert_same_tensors(a["server_state"], b["server_state"])
-    assert_same_tensors(a["client_states"], b["client_states"])
+    assert_resume_equals_uninterrupted(HyperFL, whole, interrupted, {"hypernetwork"})
 
 
 def test_fedavg_baseline_runs_and_scores_its_trained_models(tmp_path):

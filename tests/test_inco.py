@@ -5,7 +5,6 @@ trace formulation, HeteroAvg's per-entry owner averaging, what each Hetero* comb
 its server combines it, short runs above chance under --eval groups, and a resumed InCoScaffold run
 equal to the uninterrupted one."""
 import dataclasses
-import json
 import math
 
 import pytest
@@ -18,8 +17,9 @@ from algorithms.inco.heteroavg import (HeteroAvg, HeteroMOON, HeteroNova, Hetero
                                        average_update)
 from algorithms.inco.inco import (InCoAvg, InCoMOON, InCoNova, InCoProx, InCoScaffold, inco_correction, inco_pairs,
                                   inco_step)
-from conftest import algorithm_args, assert_same_tensors, synthetic_client_side
-from engine import Observer, ServerContext, main, payload_bytes
+from conftest import (algorithm_args, assert_resume_equals_uninterrupted, assert_same_tensors,
+                      interrupt_after, records_of, synthetic_client_side)
+from engine import ServerContext, main, payload_bytes
 from engine.executors import run_client
 
 torch.set_num_threads(1)
@@ -319,9 +319,6 @@ def run(cls, tmp_path, *flags, name=None, observers=()):
     return status, tmp_path / name
 
 
-def records_of(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
-
 
 @pytest.mark.parametrize("cls", [HeteroAvg, InCoAvg])
 def test_short_runs_score_every_group_above_chance(cls, tmp_path, small_fashion_mnist):
@@ -340,32 +337,14 @@ def test_short_runs_score_every_group_above_chance(cls, tmp_path, small_fashion_
     assert ("InCo: stage1.1.conv1.weight" in log) == (cls is InCoAvg)
 
 
-class InterruptAfter(Observer):
-    """Ctrl-C as round `round_index` ends (before its checkpoint)."""
-
-    def __init__(self, round_index):
-        self.round_index = round_index
-
-    def end_round(self, round_index):
-        if round_index == self.round_index:
-            raise KeyboardInterrupt
-        return {}
-
 
 def test_incoscaffold_resumed_run_equals_the_uninterrupted_one(tmp_path, small_fashion_mnist):
     flags = ["--epochs", 0, "--num_local_iterations", 4, "--sample_fraction", 0.6]
     status, whole = run(InCoScaffold, tmp_path, *flags, name="whole")
     assert status == 0
-    status, interrupted = run(InCoScaffold, tmp_path, *flags, name="interrupted", observers=[InterruptAfter(1)])
+    status, interrupted = run(InCoScaffold, tmp_path, *flags, name="interrupted", observers=[interrupt_after(1)])
     assert status == 130
-    assert main(InCoScaffold, ["--resume", str(interrupted), "--threads", "1"]) == 0
-    strip = [[{k: v for k, v in r.items() if k != "seconds"} for r in records_of(d)] for d in (whole, interrupted)]
-    assert strip[0] == strip[1]
-    a = torch.load(whole / "checkpoint.pt", weights_only=True)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=True)
-    assert set(a["server_state"]) == {"weights", "control"}
-    assert_same_tensors(a["server_state"], b["server_state"])
-    assert_same_tensors(a["client_states"], b["client_states"])
+    assert_resume_equals_uninterrupted(InCoScaffold, whole, interrupted, {"weights", "control"})
 
 
 @pytest.mark.parametrize("cls, flags, message", [
