@@ -63,6 +63,8 @@ Reference differences:
 - FedAvgM's --server_momentum / --server_lr (flags of the FedAvg-based classes) are refused:
   the update is applied with server lr 1, as the reference does.
 """
+from collections import Counter
+
 from engine import Algorithm
 from fednova import FedNova, normalising_factor
 from fedprox import FedProx
@@ -179,13 +181,7 @@ class HeteroScaffold(HeteroAvg, SCAFFOLD):
 
     def owners(self):
         """N_k: how many clients (sampled or not) have parameter k."""
-        if not hasattr(self, "_owners"):
-            counts = {}
-            for architecture in self.setting.client_models:
-                for key in self.owned(architecture):
-                    counts[key] = counts.get(key, 0) + 1
-            self._owners = counts
-        return self._owners
+        return Counter(key for architecture in self.setting.client_models for key in self.owned(architecture))
 
     def server_update(self, server_state, results, server):
         """c_k <- c_k + (1 / N_k) sum over the sampled owners of delta c_i,k; then HeteroAvg's update."""
