@@ -176,6 +176,8 @@ def read_run_dir(path, setting):
     by_round, evaluation = {}, "global"
     records = read_records(path)
     for record in records:
+        if record["accuracy"] is None:       # a round that --eval_every did not evaluate
+            continue
         by_round[int(record["round"])] = float(record["accuracy"])
         evaluation = record.get("evaluation", "global")
     if not by_round:

@@ -112,6 +112,9 @@ def build_parser(description, algorithm_flags=()):
     a("--sample_fraction", type=float, default=1.0, help="fraction of clients sampled a round")
     a("--eval", default="global", help="evaluation protocol: global (the global model on the global test "
       "set), local (each client's model on its own test split, PFLlib), groups (mean over model groups)")
+    a("--eval_every", type=int, default=1,
+      help="evaluate every N rounds (rounds N-1, 2N-1, ...) and always the last; the rounds between train "
+           "and log their bytes and seconds with no accuracy (for models whose evaluation costs more than a round)")
     a("--train_ratio", type=float, default=0.75, help="--eval local: each client's share kept for training")
     a("--client_models", default=None,
       help="architectures of the clients: a group name or A,B,...; client k gets entry k mod M "
@@ -248,7 +251,7 @@ def validate_args(args):
     if int(args.n_parties * args.sample_fraction) < 1:
         raise UsageError(f"--sample_fraction {args.sample_fraction} x --n_parties {args.n_parties} "
                          "samples no client; raise either")
-    for flag in ("num_local_iterations", "comm_round", "batch_size"):
+    for flag in ("num_local_iterations", "comm_round", "batch_size", "eval_every"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be a positive integer (got {getattr(args, flag)})")
     if not (args.lr > 0):

@@ -22,8 +22,9 @@ from utils import UsageError
 
 
 @torch.no_grad()
-def count_correct(model, images, labels, mean, std, batch_size=2000):
-    """Correct top-1 predictions of `model` on uint8 images (normalised here)."""
+def count_correct(model, images, labels, mean, std, batch_size=250):
+    """Correct top-1 predictions of `model` on uint8 images (normalised here), 250 at a time: on one
+    CPU thread batches of 250 score 1.2x (SimpleCNN) to 2x (fedavgcnn, inco-cnn) faster than 2000."""
     model.eval()
     correct = 0
     for start in range(0, len(labels), batch_size):

@@ -223,12 +223,16 @@ class Run:
         for line in server.log_lines:
             self.dir.log(line)
 
+    def evaluates(self, round_index):
+        """--eval_every N: rounds N-1, 2N-1, ... and the last training round are evaluated."""
+        return (round_index + 1) % self.args.eval_every == 0 or round_index >= self.args.comm_round - 1
+
     def run_clients(self, round_index, sampled, show):
         """Download to the receiving clients and run them (see the module docstring); returns
         (downloads, the sampled clients' results, their --eval local scores or None)."""
         a, algorithm = self.args, self.algorithm
-        local = a.eval == "local"
-        receivers = range(a.n_parties) if algorithm.broadcast_to_all or local else sampled
+        local = a.eval == "local" and self.evaluates(round_index)
+        receivers = range(a.n_parties) if algorithm.broadcast_to_all or a.eval == "local" else sampled
         downloads = {k: algorithm.download(self.server_state, k) for k in receivers}
         for k in receivers:
             for observer in self.observers:
@@ -266,7 +270,10 @@ class Run:
         self.server_state = algorithm.server_update(self.server_state, results, server)
         for line in server.log_lines:
             self.dir.log(line)
-        scores = local_scores or evaluate(a.eval, algorithm, self.server_state, self.data)
+        if not self.evaluates(round_index):
+            scores = {"accuracy": None}
+        else:
+            scores = local_scores or evaluate(a.eval, algorithm, self.server_state, self.data)
         losses = [r.metrics["train_loss"] for r in results if "train_loss" in r.metrics]
         client_metrics = {str(r.client_id): extra for r in results
                           if (extra := {k: v for k, v in r.metrics.items() if k not in ("train_loss", "steps")})}
@@ -290,7 +297,10 @@ class Run:
         """The round's log line and metrics record: its accuracy, the observers' figures and the
         protocol's details (`scores`), `fields` (e.g. evaluation_only) after the protocol's name."""
         acc = scores.pop("accuracy")
-        self.log_accuracy(round_index, acc, note)
+        if acc is None:
+            self.dir.log(f">> Round {round_index} | trained, not evaluated (--eval_every {self.args.eval_every})")
+        else:
+            self.log_accuracy(round_index, acc, note)
         record = {"round": round_index, "evaluation": self.args.eval, **fields, "accuracy": acc,
                   "best_accuracy": self.best_acc, "train_loss": train_loss,
                   "seconds": round(time.perf_counter() - started, 4), "clients": clients}

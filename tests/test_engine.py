@@ -107,6 +107,31 @@ def test_same_seed_same_log_and_fedavgm_differs(tmp_path):
     assert by_name.stdout == momentum.stdout and trace(tmp_path / "n") == trace(tmp_path / "m")
 
 
+def test_eval_every_skips_evaluations_but_not_training(tmp_path):
+    """--eval_every 2 over 5 rounds evaluates rounds 1, 3 and the last (4) with the accuracies of
+    --eval_every 1, and trains the others identically (same losses and bytes, accuracy None);
+    --eval local keeps its evaluation-only round."""
+    few = ["--n_parties", "4", "--num_local_iterations", "3", "--comm_round", "5", "--beta", "0.5"]
+    local = ["--algorithm", "local", "--partition", "pfllib", "--eval", "local", *few]
+    runs = run_scripts({"every": ("fedavg.py", few), "second": ("fedavg.py", [*few, "--eval_every", "2"]),
+                        "local": ("main.py", local), "local2": ("main.py", [*local, "--eval_every", "2"])}, tmp_path)
+    assert all(r.returncode == 0 for r in runs.values()), [r.stderr for r in runs.values()]
+    for full, sparse, rounds in (("every", "second", 5), ("local", "local2", 6)):
+        every, second = trace(tmp_path / full), trace(tmp_path / sparse)
+        assert len(every) == len(second) == rounds
+        evaluated = [r for r in range(rounds) if r % 2 == 1 or r >= 4]
+        assert [a for a, _ in second] == [every[r][0] if r in evaluated else None for r in range(rounds)]
+        assert [loss for _, loss in second] == [loss for _, loss in every]
+        assert "Round 0 | trained, not evaluated (--eval_every 2)" in runs[sparse].stdout
+        logged = re.findall(r"Round (\d+) \| Current Acc: ([\d.]+)", runs[sparse].stdout)
+        assert logged == [(str(r), f"{every[r][0]:.5f}") for r in evaluated]
+    from tables import read_run_dir
+    curve = read_run_dir(str(tmp_path / "second"), "s")
+    assert curve.rounds == [1, 3, 4]
+    bad = run_script("fedavg.py", *few, "--eval_every", "0", logdir=tmp_path, name="bad")
+    assert bad.returncode != 0 and "--eval_every must be a positive integer (got 0)" in bad.stderr
+
+
 def test_yaml_config_sets_defaults_and_flags_override(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("n_parties: 4\nbeta: 0.3\ncomm_round: 1\nnum_local_iterations: 2\n")
