@@ -316,19 +316,26 @@ class HyperFL(Algorithm):
 
     def privacy_surface(self, model, download, result, state_before, mode):
         """The hypernetwork-aware attacker for privacy.py's probe (recover_extractor_gradient below):
-        one step's phi delta gives the extractor's gradient and the extractor itself; the
-        classifier never leaves the client, so this attacker is handed the client's classifier
-        as phase 1 left it (an ORACLE row, labelled in privacy.jsonl's note)."""
+        one step's phi delta gives the extractor's gradient and the extractor itself. The
+        classifier never leaves the client, so two attackers:
+            "initial-classifier"  the realistic one: the classifier is unknown; it starts from the
+                                  run's initial head (the server made the initial model) and is
+                                  fitted with the images and labels;
+            "oracle-classifier"   handed the client's classifier as phase 1 left it (an ORACLE)."""
         from privacy import AttackSurface, model_gradient_fn
         if mode != "probe":
             return "HyperFL's hypernetwork-aware attacker reads one SGD step: probe mode only"
         revealed = recover_extractor_gradient(download, result.upload, self.args.lr, self.args.reg, self.shapes)
         names = list(self.shapes)
-        weights = {**{name: theta.float() for name, theta in revealed["extractor"].items()},
-                   **result.state["classifier"]}
-        return AttackSurface(model_gradient_fn(model, weights, names), [revealed["gradient"][n].float() for n in names],
-                             kind="extractor_gradient",
-                             note="oracle: the attacker is given the client's private classifier")
+        extractor = {name: theta.float() for name, theta in revealed["extractor"].items()}
+        target = [revealed["gradient"][n].float() for n in names]
+        initial = {k: v.float() for k, v in self.head.items()}
+        return [AttackSurface(model_gradient_fn(model, {**extractor, **initial}, names), target,
+                              kind="extractor_gradient", unknown=initial, variant="initial-classifier",
+                              note="the private classifier is fitted from the run's initial head"),
+                AttackSurface(model_gradient_fn(model, {**extractor, **result.state["classifier"]}, names), target,
+                              kind="extractor_gradient", variant="oracle-classifier",
+                              note="oracle: the attacker is given the client's private classifier")]
 
 
 # ============================================================================ the FedAvg baseline

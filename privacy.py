@@ -104,7 +104,9 @@ reconstructions, a row per algorithm.
 
 An algorithm whose upload is not its model (HyperFL's hypernetwork) may define
 `privacy_surface(self, model, download, result, state_before, mode)` returning an
-AttackSurface; the attacks take any differentiable gradient_fn(x, labels) and target.
+AttackSurface or a list of them (attacker variants, each a row of the table); the attacks take
+any differentiable gradient_fn(x, labels) and target, and fit the surface's `unknown`
+parameters (what the attacker does not know of the client's model) with the images.
 
 Reference differences
   - IG is given inferred labels, not the true ones its scripts pass; with no last layer in the
@@ -281,13 +283,26 @@ def label_scores(inferred, truth, multiset=True):
 class AttackSurface:
     """What an attack inverts: gradient_fn(x, labels) -> [tensors], differentiable in x (labels:
     class indices or per-image probabilities), to be matched with `target` (same shapes); the
-    target's last-layer entries for label inference (or None); and what the target is."""
+    target's last-layer entries for label inference (or None); and what the target is.
+    unknown: parameters of the client's model the attacker does not know, as {name: its
+    starting guess}; each trial fits copies of them with the images (plain Adam, not signed),
+    and gradient_fn then takes them: gradient_fn(x, labels, unknown). variant: which attacker
+    this is when an algorithm offers several (a row of its own in the table)."""
     gradient_fn: object
     target: list
     last_weight: torch.Tensor = None
     last_bias: torch.Tensor = None
     kind: str = "gradient"
     note: str = ""
+    unknown: dict = None
+    variant: str = ""
+
+    def fresh_unknowns(self):
+        """Trainable copies of the starting guesses ({} when the attacker knows the whole model)."""
+        return {k: v.detach().clone().requires_grad_(True) for k, v in (self.unknown or {}).items()}
+
+    def gradients(self, x, labels, unknown):
+        return self.gradient_fn(x, labels, unknown) if self.unknown else self.gradient_fn(x, labels)
 
 
 def has_batch_norm(model):
@@ -295,17 +310,17 @@ def has_batch_norm(model):
 
 
 def model_gradient_fn(model, weights, names):
-    """gradient_fn(x, labels) = d CE(model(x), labels) / d weights[names] (create_graph, so the
-    cost can be differentiated in x). Eval mode, as IG; a model with BatchNorm runs in train
+    """gradient_fn(x, labels[, unknown]) = d CE(model(x), labels) / d weights[names] (create_graph,
+    so the cost can be differentiated in x; `unknown` entries replace those of `weights`). Eval mode, as IG; a model with BatchNorm runs in train
     mode on copies of its running statistics (IG issue #6), as the client trained."""
     params = {n: weights[n].detach().clone().requires_grad_(True) for n in names}
     fixed = {k: v.detach() for k, v in weights.items() if k not in params}
     train_mode = has_batch_norm(model)
     model.train(train_mode)
 
-    def gradient_fn(x, labels):
+    def gradient_fn(x, labels, unknown=None):
         others = {k: v.clone() for k, v in fixed.items()} if train_mode else fixed
-        loss = F.cross_entropy(functional_call(model, {**others, **params}, (x,)), labels)
+        loss = F.cross_entropy(functional_call(model, {**others, **(unknown or {}), **params}, (x,)), labels)
         return torch.autograd.grad(loss, [params[n] for n in names], create_graph=True)
     return gradient_fn
 
@@ -416,7 +431,8 @@ def inverting_gradients(surface, labels, shape, count, generator, *, lr=0.1, ite
         x = torch.randn((count, *shape), generator=generator).to(device).requires_grad_(True)
         logits = None if labels is not None else \
             torch.randn((count, num_classes), generator=generator).to(device).requires_grad_(True)
-        optimizer = torch.optim.Adam([x] + ([logits] if logits is not None else []), lr=lr)
+        unknown = surface.fresh_unknowns()
+        optimizer = torch.optim.Adam([x] + ([logits] if logits is not None else []) + list(unknown.values()), lr=lr)
         milestones = [int(iterations // 2.667), int(iterations // 1.6), int(iterations // 1.142)]
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
         trial_labels = labels
@@ -424,7 +440,7 @@ def inverting_gradients(surface, labels, shape, count, generator, *, lr=0.1, ite
             optimizer.zero_grad()
             if logits is not None:
                 trial_labels = logits.softmax(1)
-            cost = cosine_cost(surface.gradient_fn(x, trial_labels), surface.target)
+            cost = cosine_cost(surface.gradients(x, trial_labels, unknown), surface.target)
             if not torch.isfinite(cost):
                 break
             (cost + tv * total_variation(x) if tv > 0 else cost).backward()
@@ -437,7 +453,7 @@ def inverting_gradients(surface, labels, shape, count, generator, *, lr=0.1, ite
                     x.clamp_(low, high)
         if logits is not None:
             trial_labels = logits.detach().softmax(1)
-        score = cosine_cost(surface.gradient_fn(x, trial_labels), surface.target).item()
+        score = cosine_cost(surface.gradients(x, trial_labels, unknown), surface.target).item()
         if best is None or (math.isfinite(score) and not score >= best[0]):
             final_labels = trial_labels if logits is None else trial_labels.argmax(1)
             best = (score, x.detach(), final_labels.detach().cpu())
@@ -453,11 +469,12 @@ def dlg(surface, shape, count, generator, *, iterations=300, labels=None, num_cl
     x = torch.randn((count, *shape), generator=generator).to(device).requires_grad_(True)
     logits = None if labels is not None else \
         torch.randn((count, num_classes), generator=generator).to(device).requires_grad_(True)
-    optimizer = torch.optim.LBFGS([x] + ([logits] if logits is not None else []), lr=1)
+    unknown = surface.fresh_unknowns()
+    optimizer = torch.optim.LBFGS([x] + ([logits] if logits is not None else []) + list(unknown.values()), lr=1)
 
     def closure():
         optimizer.zero_grad()
-        trial = surface.gradient_fn(x, labels if logits is None else logits.softmax(1))
+        trial = surface.gradients(x, labels if logits is None else logits.softmax(1), unknown)
         distance = sum((a - b).pow(2).sum() for a, b in zip(trial, surface.target))
         distance.backward()
         return distance
@@ -669,17 +686,19 @@ class PrivacyObserver(Observer):
                                     attack_generator(args.init_seed, round_index, client_id, "probe", count))
         else:
             batch, attacked = None, result
-        surface = upload_surface(algorithm, model, download, attacked, state_before, mode)
+        surfaces = upload_surface(algorithm, model, download, attacked, state_before, mode)
         base.update(upload_kinds=sorted(attacked.upload), steps=attacked.metrics.get("steps"))
-        if isinstance(surface, str):
-            return [dict(base, skipped=surface)]
-        base.update(target=surface.kind, **({"target_note": surface.note} if surface.note else {}))
+        if isinstance(surfaces, str):
+            return [dict(base, skipped=surfaces)]
         records = []
-        for name in self.attacks:
-            generator = attack_generator(args.init_seed, round_index, client_id, mode, count, name)
-            outcome, inferred = run_attack(name, surface, tuple(data.images.shape[1:]), count, generator,
-                                           self.settings, algorithm.num_classes, self.box(data))
-            records.append(self.score(base, name, outcome, inferred, data, batch))
+        for surface in surfaces if isinstance(surfaces, list) else [surfaces]:
+            described = dict(base, target=surface.kind, **({"target_note": surface.note} if surface.note else {}),
+                             **({"variant": surface.variant} if surface.variant else {}))
+            for name in self.attacks:
+                generator = attack_generator(args.init_seed, round_index, client_id, mode, count, name)
+                outcome, inferred = run_attack(name, surface, tuple(data.images.shape[1:]), count, generator,
+                                               self.settings, algorithm.num_classes, self.box(data))
+                records.append(self.score(described, name, outcome, inferred, data, batch))
         return records
 
     def box(self, data):
@@ -709,8 +728,9 @@ class PrivacyObserver(Observer):
         images = image_scores(reconstructions, originals)
         floor = image_scores(noise, noise_originals)        # uniform noise scored the same way: the floor
         images.update(psnr_noise=floor["psnr_mean"], ssim_noise=floor["ssim_mean"])
+        variant = f"_{base['variant']}" if base.get("variant") else ""
         picture = os.path.join("privacy", f"round{base['round']}_client{base['client']}_{base['mode']}"
-                                          f"_B{base['batch_size']}_{name}.pt")
+                                          f"_B{base['batch_size']}_{name}{variant}.pt")
         os.makedirs(self.run.dir.file("privacy"), exist_ok=True)
         as_bytes = lambda x: (x * 255).round().to(torch.uint8).cpu()     # noqa: E731
         torch.save({"originals": as_bytes(originals), "reconstructions": as_bytes(reconstructions)},
@@ -756,10 +776,12 @@ def read_privacy_records(paths):
 
 
 def algorithm_label(record):
-    """The registry name run.sh gives the run directory (fedavgm_seed0 -> fedavgm), else the class's."""
+    """The registry name run.sh gives the run directory (fedavgm_seed0 -> fedavgm), else the
+    class's; an attacker variant in brackets (hyperfl [oracle-classifier])."""
     from tables import ALGORITHM_NAMES, split_name
     name = split_name(record["run"])[0]
-    return name if name in ALGORITHM_NAMES else record["algorithm"]
+    name = name if name in ALGORITHM_NAMES else record["algorithm"]
+    return f"{name} [{record['variant']}]" if record.get("variant") else name
 
 
 def mean_std(values):

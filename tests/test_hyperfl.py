@@ -345,10 +345,14 @@ def test_bad_flags_end_in_one_line(tmp_path, capsys):
 
 def test_the_privacy_probe_attacks_hyperfl_through_its_recovered_extractor_gradient(tmp_path):
     # the harness (privacy.py) calls HyperFL.privacy_surface: target = the extractor gradient read
-    # from one step's phi delta, the attacker handed the client's classifier (an oracle, labelled)
+    # from one step's phi delta; two attackers: the classifier fitted from the initial head, and
+    # the client's classifier handed over (an oracle, labelled)
     status, run_dir = run(HyperFL, tmp_path, "attacked", "--comm_round", 2, "--privacy_rounds", 1,
                           "--privacy_attacks", "ig", "--privacy_preset", "library", "--privacy_iterations", 20)
     assert status == 0
     records = [json.loads(line) for line in open(run_dir / "privacy.jsonl")]
-    assert records and all(r["target"] == "extractor_gradient" and "oracle" in r["target_note"] for r in records)
+    assert [r["variant"] for r in records] == ["initial-classifier", "oracle-classifier"]
+    assert all(r["target"] == "extractor_gradient" for r in records) and "oracle" in records[1]["target_note"]
     assert all(np.isfinite(r["psnr_mean"]) for r in records)
+    import privacy
+    assert privacy.algorithm_label({**records[1], "run": "attacked"}) == "hyperfl [oracle-classifier]"

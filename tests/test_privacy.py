@@ -226,6 +226,32 @@ def scaffold_runs(tmp_path_factory):
                                                                                  "--privacy_attacks", "ig"])]}
 
 
+def test_unknown_parameters_are_fitted_with_the_images():
+    """A surface whose classifier the attacker does not know (HyperFL's realistic attacker): the
+    extractor gradient of one image under the true head; the attacker starts from another head.
+    Fitting the head with the image (AttackSurface.unknown) ends at a lower gradient-matching
+    cost than keeping the wrong head, from the same seed and budget; the trial's copies move, the
+    starting guess does not."""
+    from models import build_model
+    torch.manual_seed(0)
+    model = build_model("simplecnn-mnist", 10, (1, 28, 28))
+    true_weights = model.state_dict()
+    torch.manual_seed(1)
+    guess = {k: v for k, v in build_model("simplecnn-mnist", 10, (1, 28, 28)).state_dict().items()
+             if k.startswith("classifier")}
+    names = [n for n, _ in model.named_parameters() if not n.startswith("classifier")]
+    x, y = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(2)) * 2 - 1, torch.tensor([3])
+    target = [g.detach() for g in privacy.model_gradient_fn(model, true_weights, names)(x, y)]
+    starting = {k: v.clone() for k, v in guess.items()}
+    wrong_head = {**true_weights, **guess}
+    fitted = privacy.AttackSurface(privacy.model_gradient_fn(model, wrong_head, names), target, unknown=guess)
+    frozen = privacy.AttackSurface(privacy.model_gradient_fn(model, wrong_head, names), target)
+    costs = [privacy.inverting_gradients(surface, None, (1, 28, 28), 1, torch.Generator().manual_seed(0),
+                                         iterations=60, tv=0.0, signed=False).loss for surface in (fitted, frozen)]
+    assert costs[0] < 0.8 * costs[1]
+    assert all(torch.equal(guess[k], starting[k]) for k in guess)
+
+
 def test_the_harness_changes_nothing_the_run_computes(scaffold_runs):
     plain, plain_records = scaffold_runs["plain"]
     for name in ("harness", "workers"):
