@@ -150,6 +150,29 @@ def test_the_probe_recovers_the_cross_entropy_gradient_exactly(cls):
     assert surface.kind == "gradient" and privacy.infer_labels(surface, 2).tolist() == sorted(batch[1].tolist())
 
 
+def test_a_batch_norm_model_is_attacked_in_train_mode_without_touching_its_statistics():
+    """A model with BatchNorm trained on the batch's own statistics; the attacker's gradient
+    function does the same (IG issue #6): it equals autograd of the model in train mode, and the
+    running statistics it was given stay as they were (eval mode would give another gradient)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                torch.nn.Flatten(), torch.nn.Linear(4 * 26 * 26, 10))
+    model[1].running_mean.normal_()
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [n for n, _ in model.named_parameters()]
+    x, y = torch.randn(3, 1, 28, 28), torch.tensor([1, 2, 3])
+    given = {k: v.clone() for k, v in weights.items()}
+    assert privacy.has_batch_norm(model)
+    gradient_fn = privacy.model_gradient_fn(model, weights, names)
+    found = [g.double() for g in gradient_fn(x, y)]
+    assert all(torch.equal(weights[k], given[k]) for k in given)
+    model.train()
+    expected = ce_gradient(model, weights, names, x, y)
+    assert relative_error(found, expected) < 1e-6
+    model.eval()
+    assert relative_error(ce_gradient(model, weights, names, x, y), expected) > 1e-2
+
+
 @pytest.mark.parametrize("cls", [FedAvg, SCAFFOLD])
 def test_the_simulated_update_at_the_true_batch_equals_the_real_upload(cls):
     """A client of 8 images, batch 8, no augmentation: its real round (2 steps, momentum 0.9,
