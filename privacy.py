@@ -784,6 +784,20 @@ def algorithm_label(record):
     return f"{name} [{record['variant']}]" if record.get("variant") else name
 
 
+def labels_in_order(labels):
+    """Registry order of the algorithms, each algorithm's attacker variants after it."""
+    from tables import algorithm_order
+    bases = algorithm_order({label.partition(" [")[0] for label in labels})
+    return sorted(labels, key=lambda label: (bases.index(label.partition(" [")[0]), label))
+
+
+def display_label(label):
+    """hyperfl [oracle-classifier] -> HyperFL [oracle-classifier]."""
+    from tables import display_name
+    name, bracket, variant = label.partition(" [")
+    return display_name(name) + bracket + variant
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     if not values:
@@ -794,13 +808,12 @@ def mean_std(values):
 def summarise_records(records):
     """One row per (algorithm, mode, B, attack), in registry order: attacks, mean ± std of PSNR
     mean and SSIM mean over them, the highest PSNR, mean label accuracy."""
-    from tables import algorithm_order
     groups = {}
     for record in records:
         if "skipped" not in record:
             key = (algorithm_label(record), record["mode"], record["batch_size"], record["attack"])
             groups.setdefault(key, []).append(record)
-    order = {name: i for i, name in enumerate(algorithm_order({key[0] for key in groups}))}
+    order = {name: i for i, name in enumerate(labels_in_order({key[0] for key in groups}))}
     rows = []
     for key in sorted(groups, key=lambda k: (order[k[0]], MODES.index(k[1]), k[2], ATTACKS.index(k[3]))):
         group = groups[key]
@@ -824,7 +837,6 @@ def number(value, decimals, spread=None):
 
 
 def to_markdown(rows):
-    from tables import display_name
     lines = ["PSNR / SSIM by algorithm: gradient inversion of client uploads (mean ± std over the attacked "
              "clients, rounds and seeds; PSNR on [0, 1] images, SSIM over the valid region; probe: one step "
              "on B real images, realistic: the actual upload, scored against nearest training images; noise "
@@ -835,7 +847,7 @@ def to_markdown(rows):
     for r in rows:
         attack = r["attack"].upper() if r["attack"] != "ig" else "IG"
         diverged = f" ({r['diverged']} diverged)" if r["diverged"] else ""
-        lines.append(f"| {display_name(r['algorithm'])} | {r['mode']} | {r['batch_size']} | {attack} | "
+        lines.append(f"| {display_label(r['algorithm'])} | {r['mode']} | {r['batch_size']} | {attack} | "
                      f"{r['attacks']}{diverged} | {number(r['psnr_mean'], 2, r['psnr_std'])} | "
                      f"{number(r['psnr_max'], 2)} | {number(r['ssim_mean'], 3, r['ssim_std'])} | "
                      f"{number(None if r['label_accuracy'] is None else 100 * r['label_accuracy'], 1)} | "
@@ -858,7 +870,6 @@ def draw_reconstructions(records, path, mode="probe", batch_size=None, attack="i
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from tables import algorithm_order, display_name
     chosen = [r for r in records if "skipped" not in r and r["mode"] == mode and r["attack"] == attack]
     if batch_size is None and chosen:
         batch_size = min(r["batch_size"] for r in chosen)
@@ -868,7 +879,7 @@ def draw_reconstructions(records, path, mode="probe", batch_size=None, attack="i
     first = {}
     for r in sorted(chosen, key=lambda r: (r["run"], r["round"], r["client"])):
         first.setdefault(algorithm_label(r), r)
-    names = algorithm_order(set(first))
+    names = labels_in_order(set(first))
     shown = min(batch_size, columns)
     figure, axes = plt.subplots(len(names), 2 * shown, figsize=(1.0 * 2 * shown + 1.4, 1.15 * len(names) + 0.7),
                                 squeeze=False)
@@ -884,7 +895,7 @@ def draw_reconstructions(records, path, mode="probe", batch_size=None, attack="i
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(("original", "rebuilt")[column % 2], fontsize=7)
-        axes[row][0].set_ylabel(f"{display_name(name)}\nPSNR {number(record['psnr_mean'], 1)} dB\n"
+        axes[row][0].set_ylabel(f"{display_label(name)}\nPSNR {number(record['psnr_mean'], 1)} dB\n"
                                 f"SSIM {number(record['ssim_mean'], 2)}", fontsize=7)
     figure.suptitle(f"{'IG' if attack == 'ig' else attack.upper()}, {mode}, B = {batch_size}", fontsize=8)
     figure.tight_layout()

@@ -356,3 +356,6 @@ def test_the_privacy_probe_attacks_hyperfl_through_its_recovered_extractor_gradi
     assert all(np.isfinite(r["psnr_mean"]) for r in records)
     import privacy
     assert privacy.algorithm_label({**records[1], "run": "attacked"}) == "hyperfl [oracle-classifier]"
+    assert privacy.display_label("hyperfl [oracle-classifier]") == "HyperFL [oracle-classifier]"
+    assert privacy.labels_in_order({"hyperfl [b]", "fedavg", "hyperfl [a]", "moon"}) == \
+        ["fedavg", "moon", "hyperfl [a]", "hyperfl [b]"]
