@@ -421,3 +421,43 @@ class HyperFLCNNBase(nn.Module):
 
 
 register_model("hyperfl-cnn", lambda num_classes: BaseHeadSplit(HyperFLCNNBase(), 128, num_classes), (1, 28, 28))
+
+
+# ============================================================================ SimpleCNN with batch norm
+# FedF2DG's BN prior (spec datafree-hetero-privacy.md section 1, "BatchNorm", option (a)) needs
+# BatchNorm2d layers whose running statistics stand for the clients' data. simplecnn-mnist-bn is
+# simplecnn-mnist with BatchNorm2d after conv1 and conv2, before their ReLU:
+#   conv(1->6,5) BN(6) ReLU pool2, conv(6->16,5) BN(16) ReLU pool2, fc 256->120 ReLU, fc 120->84 ReLU,
+#   classifier.fc 84->C                               44,470 parameters (simplecnn-mnist's 44,426 + 44)
+# Names as SimpleCNN's plus base.bn1.*, base.bn2.* (weight, bias, running_mean, running_var,
+# num_batches_tracked); the running statistics are averaged like weights (engine weighted_average,
+# num_batches_tracked rounded). Use it for every algorithm of a table that FedF2DG's BN prior is in.
+
+class SimpleCNNBNBase(SimpleCNNBase):
+    """SimpleCNNBase with BatchNorm2d after each convolution, before its ReLU."""
+
+    def __init__(self, in_channels, flat_dim):
+        super().__init__(in_channels, flat_dim)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.bn2 = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
+        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
+        x = x.reshape(x.shape[0], -1)
+        return torch.relu(self.fc2(torch.relu(self.fc1(x))))
+
+
+class SimpleCNNBN(SimpleCNN):
+    """SimpleCNN over SimpleCNNBNBase."""
+
+    def __init__(self, in_channels, image_size, num_classes):
+        nn.Module.__init__(self)
+        side = ((image_size - 4) // 2 - 4) // 2
+        self.input_shape = (in_channels, image_size, image_size)
+        self.num_classes = num_classes
+        self.base = SimpleCNNBNBase(in_channels, 16 * side * side)
+        self.classifier = Classifier(num_classes)
+
+
+register_model("simplecnn-mnist-bn", lambda num_classes: SimpleCNNBN(1, 28, num_classes), (1, 28, 28))

@@ -54,6 +54,11 @@ SCENARIOS = {
     # and 600 test images a client with 80 % from three classes (--partition hyperfl), 20 clients,
     # all every round, 5 epochs of batch 50, SGD lr 0.02 momentum 0.5 weight decay 5e-4, no
     # augmentation, 200 rounds, each client on its own test split.
+    # FedF2DG's (spec section 1; GTML-LAB/FedF2DG federated_learning_stage.sh, Rcompete.sh): SCAFFOLD
+    # pre-training of 10 clients on Dir(0.05), all every round, 5 epochs of batch 64, SGD lr 0.01
+    # momentum 0.9 weight decay 1e-5; 80 pre-training rounds + 1 distillation + 10 Rcompete rounds.
+    "fedf2dg": dict(dataset="fashionmnist", partition="noniid", beta=0.05, n_parties=10, epochs=5, batch_size=64,
+                    lr=0.01, momentum=0.9, reg=1e-5, optimizer="sgd", sample_fraction=1.0, comm_round=91),
     "hyperfl": dict(dataset="fashionmnist", model="hyperfl-cnn", partition="hyperfl", n_parties=20, eval="local",
                     batch_size=50, lr=0.02, momentum=0.5, reg=5e-4, optimizer="sgd", epochs=5, no_augment=True,
                     sample_fraction=1.0, comm_round=200),
@@ -81,7 +86,8 @@ def build_parser(description, algorithm_flags=()):
     a("--scenario", default="none", help="a reference protocol's settings as defaults: none, or pfllib "
       "(PFLlib's FMNIST benchmark: merged Dir(0.1) partition of 20 clients, FedAvgCNN, batch 10, lr 0.005, "
       "plain SGD, 1 epoch, --eval local), inco (InCo's nested depths, Dir(0.5), 100 clients, Adam, --eval groups) "
-      "or hyperfl (HyperFL's CNN and 600-image clients, --eval local); other flags override each setting")
+      "hyperfl (HyperFL's CNN and 600-image clients, --eval local) or fedf2dg (FedF2DG's pre-training: Dir(0.05), "
+      "10 clients, 5 epochs of SGD lr 0.01 momentum 0.9, 91 rounds); other flags override each setting")
     a("--partition", default="noniid",
       help="iid (alias homo), noniid (Dirichlet label skew), noniid-skew-K (K classes a client), "
            "pfllib (PFLlib's Dirichlet generator, seed 1, with --eval local), hyperfl (600 training and 600 "

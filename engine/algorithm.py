@@ -64,6 +64,9 @@ class Setting:
     num_samples: list          # training samples of every client
     class_counts: torch.Tensor  # [clients, classes] training label counts
     initial_weights: dict      # architecture name -> its initial state dict
+    held_out: dict = None      # the server's own data (FedF2DG's model selection): {"validation": (images,
+                               # labels) or None (no --validation_size), "test": (images, labels) or None
+                               # (--eval local), "mean", "std"}
 
 
 @dataclass
@@ -113,6 +116,7 @@ class ServerContext:
     generator: torch.Generator    # seeded by (init_seed, round, "server")
     device: torch.device
     log_lines: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)   # figures of the server's round (FedF2DG's stage) for its record
 
     def log(self, line):
         self.log_lines.append(line)

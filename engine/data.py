@@ -25,8 +25,17 @@ built the same way from the official test set (600 images each, continuing the n
 images repeat across clients when they ask for more than a class holds), as the reference's
 per-client test loaders are; --train_ratio plays no part. Under --eval global the clients
 hold their training part and the whole official test set scores the global model.
+
+A validation hold-out, only for an algorithm that declares a `validation_size` flag (FedF2DG's
+model selection) and sets it above 0: that many samples of the official training set, drawn
+without replacement by numpy's default_rng seeded with derived_seed(init_seed, "validation")
+(not the global RNG, so every later draw is unchanged), are kept out of every client before the
+partition (which then partitions the rest, in their original order); they are the server's
+validation set (validation_split, FederatedData.validation_images). Every other run's data is
+untouched.
 """
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -34,7 +43,7 @@ import numpy as np
 import torch
 
 import cvdataset
-from utils import UsageError, setup_seed
+from utils import UsageError, derived_seed, setup_seed
 
 
 
@@ -73,6 +82,8 @@ class FederatedData:
     clients: list                  # ClientData per client
     test_images: torch.Tensor      # the global test set (None for --eval local)
     test_labels: torch.Tensor
+    validation_images: torch.Tensor = None   # the validation hold-out (validation_size > 0), else None
+    validation_labels: torch.Tensor = None
 
     @property
     def num_classes(self):
@@ -101,12 +112,31 @@ def split_train_test(n, train_ratio):
     return perm[n_test:], perm[:n_test]
 
 
+def validation_split(dataset, size, init_seed):
+    """(dataset without the hold-out, (validation images, labels)): `size` training samples drawn
+    by default_rng(derived_seed(init_seed, "validation")) without replacement (in drawn order),
+    the rest kept in their original order; size 0: (dataset, None)."""
+    if not size:
+        return dataset, None
+    n = len(dataset.train_labels)
+    if not 0 < size < n:
+        raise UsageError(f"--validation_size {size} must be between 1 and {n - 1} (the training set's size - 1)")
+    held = np.random.default_rng(derived_seed(init_seed, "validation")).choice(n, size=size, replace=False)
+    kept = np.setdiff1d(np.arange(n), held)
+    held, kept = torch.as_tensor(held, dtype=torch.long), torch.as_tensor(kept, dtype=torch.long)
+    rest = dataclasses.replace(dataset, train_images=dataset.train_images[kept],
+                               train_labels=dataset.train_labels[kept])
+    return rest, (dataset.train_images[held], dataset.train_labels[held])
+
+
 def load_federated_data(args, device, dataset=None):
-    """Seed (SPEC section 4), load the dataset (unless given), partition it over the clients and
-    put each client's data on `device`."""
+    """Seed (SPEC section 4), load the dataset (unless given), hold out the validation set (only
+    when args.validation_size > 0), partition the rest over the clients and put each client's
+    data on `device`."""
     setup_seed(args.init_seed)
     if dataset is None:
         dataset = cvdataset.load_dataset(args.dataset, args.datadir)
+    dataset, validation = validation_split(dataset, getattr(args, "validation_size", 0), args.init_seed)
     images, labels = dataset.train_images, dataset.train_labels
     if args.eval == "local":
         images = torch.cat([dataset.train_images, dataset.test_images])
@@ -145,4 +175,5 @@ def load_federated_data(args, device, dataset=None):
         clients.append(client)
     global_test = (None, None) if args.eval == "local" else (dataset.test_images.to(device),
                                                              dataset.test_labels.to(device))
-    return FederatedData(dataset, client_indices, counts, clients, *global_test)
+    validation = (None, None) if validation is None else tuple(t.to(device) for t in validation)
+    return FederatedData(dataset, client_indices, counts, clients, *global_test, *validation)

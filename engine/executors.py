@@ -22,7 +22,11 @@ def make_setting(args, data, device, initial_weights):
                                                                         args.client_assignment),
                    num_samples=[client.num_samples for client in data.clients],
                    class_counts=torch.tensor(data.class_counts, dtype=torch.long),
-                   initial_weights=initial_weights)
+                   initial_weights=initial_weights,
+                   held_out={"validation": None if data.validation_images is None
+                             else (data.validation_images, data.validation_labels),
+                             "test": (data.test_images, data.test_labels),
+                             "mean": data.dataset.mean, "std": data.dataset.std})
 
 
 def initial_weights(args, architectures, num_classes, image_shape, device):

@@ -278,7 +278,7 @@ class Run:
         client_metrics = {str(r.client_id): extra for r in results
                           if (extra := {k: v for k, v in r.metrics.items() if k not in ("train_loss", "steps")})}
         self.record_round(round_index, scores, started, sampled, float(np.mean(losses)) if losses else None,
-                          **({"client_metrics": client_metrics} if client_metrics else {}))
+                          **server.metrics, **({"client_metrics": client_metrics} if client_metrics else {}))
 
     def save_artifacts(self, round_index, result):
         """A client's artifacts (ClientResult.artifacts: e.g. FedHUG's synthetic samples), for the

@@ -97,6 +97,8 @@ ALGORITHMS = {entry.name: entry for entry in [
     # a shared hypernetwork, private embedding and head (hyperfl.py; the reference protocol: --scenario hyperfl)
     Entry("hyperfl", "HyperFL", "hyperfl", "HyperFL", "hyperfl.py", "hyperfl"),
     Entry("fedavg-trained", "FedAvg (after local training)", "hyperfl", "FedAvgTrained", "main.py", "hyperfl"),
+    # data-free distillation on the server after pre-training (fedf2dg.py; the reference protocol: --scenario fedf2dg)
+    Entry("fedf2dg", "FedF2DG", "fedf2dg", "FedF2DG", "fedf2dg.py", "datafree"),
 ]}
 
 

@@ -94,7 +94,11 @@ TRACEBACK = "Traceback (most recent call last)"
 # Added to every run unless the flag is drawn (and only where the algorithm has the flag).
 BASE = {"n_parties": 3, "num_local_iterations": 1, "epochs": 0, "comm_round": 1, "batch_size": 8, "threads": 1,
         "device": "cpu", "g_steps": 1, "synthesis_batch_size": 10, "start_round": 0,
-        "rand_percent": 1, "ala_max_start_passes": 3, "privacy_iterations": 5, "privacy_dlg_iterations": 1}
+        "rand_percent": 1, "ala_max_start_passes": 3, "privacy_iterations": 5, "privacy_dlg_iterations": 1,
+        "pretrain_rounds": 1, "iters_mi": 2, "inversion_batch_size": 4, "num_batch": 1, "rcompete_num_batch": 1,
+        "kd_epochs": 1, "kd_batch_size": 8, "validation_size": 50}
+# ... and for these algorithms (FedF2DG needs a round after its pre-training rounds)
+BASE_FOR = {"fedf2dg": {"comm_round": 2}}
 
 # ----------------------------------------------------------------------------- the flags
 
@@ -266,7 +270,9 @@ BOUNDED = {"n_parties": 5, "comm_round": 3, "num_local_iterations": 3, "epochs":
            "synthesis_batch_size": 64, "ua_entropy_batches": 3, "batch_size": 64, "plocal_epochs": 3,
            "ft_epochs": 3, "ala_max_start_passes": 3, "rand_percent": 5,
            "privacy_iterations": 20, "privacy_restarts": 2, "privacy_dlg_iterations": 3,
-           "embed_dim": 64, "hypernet_hidden_dim": 128, "classifier_epochs": 2}
+           "embed_dim": 64, "hypernet_hidden_dim": 128, "classifier_epochs": 2,
+           "pretrain_rounds": 2, "iters_mi": 3, "inversion_batch_size": 16, "num_batch": 2, "rcompete_num_batch": 2,
+           "kd_epochs": 2, "kd_batch_size": 64, "validation_size": 5000, "jitter": 30}
 NOT_RAY = ["local", "", "Ray", "RAY", " ray", "ray ", "dask", "threads", "none"]
 RESTRICTED = {  # run controls: never Ray, never a path outside the example's tmp folder
     "backend": st.sampled_from(NOT_RAY),
@@ -386,7 +392,7 @@ def prepare_run(case, form, tmp, seed_run):
         for flag, value in entry.presets.items():
             if flag not in values:
                 argv += [f"--{flag}", str(value)]
-    base = dict(BASE, logdir=os.path.join(cwd, "logs"))
+    base = dict(BASE, **BASE_FOR.get(case.algorithm, {}), logdir=os.path.join(cwd, "logs"))
     if "global" not in entry.load().evaluations:        # personalised methods report under --eval local,
         base.update(eval="local", train_ratio=0.05)      # small training splits: an epoch is ~110 steps
     if os.path.isdir(os.path.join(ROOT, "data")):
