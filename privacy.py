@@ -895,7 +895,7 @@ def draw_reconstructions(records, path, mode="probe", batch_size=None, attack="i
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(("original", "rebuilt")[column % 2], fontsize=7)
-        axes[row][0].set_ylabel(f"{display_label(name)}\nPSNR {number(record['psnr_mean'], 1)} dB\n"
+        axes[row][0].set_ylabel(f"{display_label(name).replace(' [', chr(10) + '[')}\nPSNR {number(record['psnr_mean'], 1)} dB\n"
                                 f"SSIM {number(record['ssim_mean'], 2)}", fontsize=7)
     figure.suptitle(f"{'IG' if attack == 'ig' else attack.upper()}, {mode}, B = {batch_size}", fontsize=8)
     figure.tight_layout()
