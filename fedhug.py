@@ -28,7 +28,7 @@ import cvdataset
 import synthesis
 from engine import Flag, main
 from fedavg import FedAvg
-from utils import UsageError
+from utils import UsageError, derived_seed
 
 PUBLISHED = "the published FedHUG code (SPEC section 6)"
 MAX_BUDGET = 1_000_000    # synthesised samples a client may ask for (3 GB of 28x28 fp32 images)
@@ -65,6 +65,9 @@ class FedHUG(FedAvg):
         Flag("double_gen", bool, False, "re-synthesise once halfway through local training", PUBLISHED),
         Flag("synthesis_bf16", bool, False, "bf16 autocast in synthesis (faster on CPUs with bf16 units; "
              "other numbers)", "this suite (off: fp32 as published)"),
+        Flag("plain_inversion_samples", int, 0, "diagnostics: also invert this many of the round's targets without "
+             "the entropy and margin terms (plain inversion, same steps; own random stream) and record the "
+             "student's entropy and margin on them (0: off)", "this suite"),
     )
 
     @classmethod
@@ -80,6 +83,8 @@ class FedHUG(FedAvg):
             raise UsageError(f"--synthesis_batch_size {args.synthesis_batch_size} x budget scale up to "
                              f"{max(args.ua_budget_min_scale, args.ua_budget_max_scale):g} allows {largest:.3g} "
                              f"synthesised samples a client, more than {MAX_BUDGET:,}; lower either")
+        if args.plain_inversion_samples < 0:
+            raise UsageError(f"--plain_inversion_samples must be >= 0 (got {args.plain_inversion_samples})")
         if args.start_round < 0:
             raise UsageError(f"--start_round must be >= 0 (got {args.start_round})")
         if args.start_round > args.comm_round:
@@ -107,7 +112,11 @@ class FedHUG(FedAvg):
         real_weight, syn_weight = synthesis.loss_weights(ctx.data.class_counts)
         batches = self.synthesize(ctx, targets, student=self.previous_model)
         ctx.distillation = Distillation(targets, real_weight, syn_weight, batches)
-        ctx.metrics.update(drift=drift, budget=budget, synthesised=len(targets))
+        ctx.metrics.update(drift=drift, budget=budget, synthesised=len(targets),
+                           samples_per_class=torch.bincount(targets, minlength=self.num_classes).tolist(),
+                           **synthesis_diagnostics(*batches.tensors, targets, self.previous_model))
+        if a.plain_inversion_samples:
+            ctx.metrics.update(self.plain_inversion(ctx, targets))
         if ctx.round in (a.start_round, a.comm_round - 1):
             ctx.artifacts["synthetic"] = self.samples_per_class(batches.tensors[0], targets)
         ctx.log(f"fedhug client {ctx.client_id}: drift {drift:.4f}, budget {budget} ({len(targets)} synthesised), "
@@ -134,6 +143,19 @@ class FedHUG(FedAvg):
             a.bn, a.oh, a.ua_entropy_weight, a.ua_boundary_lambda, bf16=a.synthesis_bf16)
         return cvdataset.ShuffledBatches((inputs, teacher_logits), a.batch_size, ctx.generator)
 
+    def plain_inversion(self, ctx, targets):
+        """Diagnostics: --plain_inversion_samples of the targets (evenly spaced, so the class mix is
+        kept) inverted as FedHUG does but without the entropy and margin terms, from a random stream
+        of their own (the run's numbers are unchanged); the same figures, prefixed "plain_"."""
+        a = self.args
+        chosen = targets[torch.linspace(0, len(targets) - 1, min(a.plain_inversion_samples, len(targets))).long()]
+        generator = torch.Generator().manual_seed(derived_seed(a.init_seed, ctx.round, ctx.client_id, "plain"))
+        inputs, teacher_logits = synthesis.synthesize(
+            ctx.global_model, self.previous_model, chosen, self.image_shape, generator, a.g_steps, a.lr_g,
+            a.bn, a.oh, 0.0, 0.0, bf16=a.synthesis_bf16)
+        return {f"plain_{k}": v for k, v in synthesis_diagnostics(inputs, teacher_logits, chosen,
+                                                                   self.previous_model).items()}
+
     def local_loss(self, model, x, y, ctx):
         """real_w * CE(model(x), y) + syn_w * T^2 * KL(softmax(t/T) || softmax(model(x_syn)/T))."""
         a = self.args
@@ -146,6 +168,18 @@ class FedHUG(FedAvg):
         kd = F.kl_div(F.log_softmax(model(syn_x) / a.T, dim=1), F.softmax(teacher_logits / a.T, dim=1),
                       reduction="batchmean") * a.T ** 2
         return distillation.real_weight * F.cross_entropy(model(x), y) + distillation.syn_weight * kd
+
+
+@torch.no_grad()
+def synthesis_diagnostics(inputs, teacher_logits, targets, student):
+    """What the synthetic samples are (issue 18's diagnostics): how often the teacher (global
+    model) predicts their target (teacher_agreement), and the student's (the client's previous
+    model, eval mode) mean entropy and mean top-1/top-2 margin on them: the guided inversion
+    aims at high entropy and low margin."""
+    student_logits = student(inputs)
+    return {"teacher_agreement": (teacher_logits.argmax(1) == targets).float().mean().item(),
+            "student_entropy": synthesis.softmax_entropy(student_logits).mean().item(),
+            "student_margin": synthesis.top1_top2_margin(student_logits).mean().item()}
 
 
 def cpu_bf16_units():

@@ -68,6 +68,30 @@ def drift_budget_plot(records, title):
     return figure
 
 
+DIAGNOSTICS = (("student_entropy", "student's entropy on them"), ("student_margin", "student's top-1/top-2 margin"),
+               ("teacher_agreement", "teacher predicts the target"))
+
+
+def diagnostics_plot(records, title):
+    """Three panels (FedHUG's synthesis diagnostics): per round, the mean over clients of the
+    student's entropy and margin on the synthetic samples and the teacher's agreement with their
+    targets; beside them the same on plain inversion (--plain_inversion_samples), when recorded."""
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, label) in zip(axes, DIAGNOSTICS):
+        for prefix, name in (("", "FedHUG's inversion"), ("plain_", "plain inversion")):
+            points = [(r["round"], sum(v[prefix + key] for v in clients) / len(clients)) for r in records
+                      if (clients := [v for v in (r.get("client_metrics") or {}).values() if prefix + key in v])]
+            if points:
+                ax.plot(*zip(*points), marker=".", linewidth=1, label=name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{label} (mean over clients)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Pictures of one run's inside (FedHUG's synthetic samples, "
                                      "drift and budget) from its run directory.")
@@ -102,6 +126,10 @@ def main(argv=None):
     if any(r.get("client_metrics") for r in records):
         figure = drift_budget_plot(records, f"{name}: drift and synthesis budget per client")
         written.append(os.path.join(args.run_dir, "drift_budget.png"))
+        figure.savefig(written[-1], dpi=100)
+    if any("student_entropy" in v for r in records for v in (r.get("client_metrics") or {}).values()):
+        figure = diagnostics_plot(records, f"{name}: what synthesis makes (mean over clients)")
+        written.append(os.path.join(args.run_dir, "synthesis_diagnostics.png"))
         figure.savefig(written[-1], dpi=100)
     print(f"plot_run: {', '.join(written) if written else 'nothing to draw for ' + name}", file=sys.stderr)
     return 0

@@ -1,5 +1,7 @@
 """FedHUG (fedhug.py): FedAvg before --start_round, the per-client synthesis plan, the local
 loss, --double_gen, flag checks, and short real runs on Fashion-MNIST including a warm start."""
+import math
+import os
 import re
 import types
 
@@ -220,3 +222,59 @@ def test_bf16_hint_only_on_cpus_with_bf16_units_and_the_flag_off(monkeypatch, ca
         FedHUG.check_args(algorithm_args(FedHUG, *flags))
         err = capsys.readouterr().err
         assert (f"hint: this CPU has bf16 units ({units[0] if units else ''})" in err) == hinted, (units, flags, err)
+
+
+def test_synthesis_diagnostics_by_hand():
+    """teacher_agreement = share of argmax(teacher logits) == target; the student's mean entropy
+    and mean top-1/top-2 margin of softmax on the inputs."""
+    from fedhug import synthesis_diagnostics
+    student = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        student.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]))
+    inputs = torch.tensor([[0.0, 0.0], [2.0, 0.0]])                 # student logits (0,0,0) and (2,0,0)
+    teacher = torch.tensor([[0.0, 5.0, 1.0], [3.0, 0.0, 0.0]])
+    found = synthesis_diagnostics(inputs, teacher, torch.tensor([1, 2]), student)
+    p = torch.softmax(torch.tensor([2.0, 0.0, 0.0]), 0)
+    entropies = [torch.log(torch.tensor(3.0)).item(), -(p * p.log()).sum().item()]
+    assert found["teacher_agreement"] == 0.5
+    assert found["student_entropy"] == pytest.approx(sum(entropies) / 2, rel=1e-5)
+    assert found["student_margin"] == pytest.approx((0.0 + (p[0] - p[1]).item()) / 2, rel=1e-5)
+
+
+def test_plain_inversion_diagnostics_are_recorded_and_change_nothing_else():
+    """--plain_inversion_samples 4: the client's metrics gain the plain inversion's figures (on 4
+    of its targets) beside FedHUG's own; its upload and state are those of the run without it."""
+    w0, w_global = weights_of_seed(0), weights_of_seed(1)
+    results = []
+    for flags in ([], ["--plain_inversion_samples", "4"]):
+        algorithm, data = tiny_client_side(FedHUG, tiny_args(*flags), w0)
+        results.append(run_client(algorithm, data, {"weights": w_global}, {}, 1, 1))
+    plain, diagnosed = results
+    assert same_weights(plain.upload["weights"], diagnosed.upload["weights"])
+    assert plain.log_lines == diagnosed.log_lines
+    metrics = diagnosed.metrics
+    assert sum(metrics["samples_per_class"]) == metrics["synthesised"] and len(metrics["samples_per_class"]) == 10
+    for key in ("teacher_agreement", "student_entropy", "student_margin"):
+        assert metrics[key] == plain.metrics[key] and f"plain_{key}" not in plain.metrics
+        assert 0 <= metrics[f"plain_{key}"] <= math.log(10)
+    assert 0 <= metrics["teacher_agreement"] <= 1 and metrics["student_entropy"] > 0
+
+
+def test_the_ablation_script_runs_its_pipeline_at_a_tiny_setting(tmp_path):
+    """docs/fedhug_ablations.py --tiny: the FedAvg run and every variant, continued from FedAvg's
+    checkpoint (their first rounds are FedAvg's), the table with a row per variant and the plot."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "fedhug_ablations.py"), "--tiny",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "table.md").read_text()
+    for label in ("FedHUG (full)", "no entropy term", "no margin term", "fixed budget", "no synthesis (FedAvg)",
+                  "FedHUG, 2 steps"):
+        assert f"| {label}" in table
+    assert (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+    full = (tmp_path / "runs" / "full_seed0" / "log.txt").read_text()
+    fedavg = (tmp_path / "runs" / "no-synthesis_seed0" / "log.txt").read_text()
+    first = next(line for line in fedavg.splitlines() if line.startswith(">> Round 0 |"))
+    assert "warm start: fedavg checkpoint after round 0" in full and first in full

@@ -82,7 +82,8 @@ def test_main_job_pipeline_writes_every_file_and_warm_fedhug_equals_recomputed(t
         assert {(metric, "fedavg"), (metric, "fedhug")} <= metrics
     assert r"\begin{tabular}" in (out / "table.tex").read_text()
     for picture in (out / "curves.png", out / "runs" / "fedhug_seed0" / "synthetic.png",
-                    out / "runs" / "fedhug_seed0" / "drift_budget.png"):
+                    out / "runs" / "fedhug_seed0" / "drift_budget.png",
+                    out / "runs" / "fedhug_seed0" / "synthesis_diagnostics.png"):
         assert picture.read_bytes()[:8] == PNG_MAGIC, picture
     svg = ElementTree.parse(out / "partition_seed0.svg").getroot()
     counts = [int(t.text) for t in svg.iter("{http://www.w3.org/2000/svg}text") if (t.text or "").isdigit()]
