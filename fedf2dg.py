@@ -315,7 +315,10 @@ class FedF2DG(FedAvg):
                 batches, cig = a.rcompete_num_batch, a.rcompete_cig_scale
                 start = self.score(server_state["weights"])
                 source = "the current global model"
-            images, logits, losses = self.generate(server_state, teachers, statistics, batches, cig, losses, server)
+            images, targets, logits, losses = self.generate(server_state, teachers, statistics, batches, cig, losses,
+                                                            server)
+            if stage == "distil" or server.round == a.comm_round - 1:
+                server.artifacts["synthetic"] = synthesis.picture_samples(images, targets, self.num_classes)
             server_state["student_losses"] = dict(zip(sorted(teachers), losses))
             server_state["weights"], score, epoch = self.distil(server_state["weights"], images, logits, start, server)
             start_text = "0" if start is None else f"{start:.5f}"
@@ -350,7 +353,7 @@ class FedF2DG(FedAvg):
     def generate(self, server_state, teachers, statistics, batches, cig_scale, losses, server):
         """`batches` rounds of inverting every teacher (client order) for its targets, with the
         global model as student; then the soft labels. Returns (pooled images, pooled teacher
-        logits, the student's CE L_k on each client's last batch)."""
+        targets, pooled teacher logits, the student's CE L_k on each client's last batch)."""
         a, clients = self.args, sorted(teachers)
         class_counts = server_state["class_counts"][clients]
         box = synthesis.valid_box(self.held_out()["mean"], self.held_out()["std"], self.device)
@@ -358,7 +361,7 @@ class FedF2DG(FedAvg):
                                          competition=cig_scale, competition_temperature=a.cig_temperature,
                                          total_variation=a.di_var_scale, l2=a.di_l2_scale)
         student = self.frozen_model("student", a.model, server_state["weights"])
-        pseudo = {k: [] for k in clients}
+        pseudo, pseudo_targets = {k: [] for k in clients}, {k: [] for k in clients}
         for batch in range(batches):
             sizes = client_sample_counts(class_counts, a.inversion_batch_size * len(clients), losses)
             losses = []
@@ -373,6 +376,7 @@ class FedF2DG(FedAvg):
                 with torch.no_grad():
                     losses.append(F.cross_entropy(student(best.inputs), targets).item())
                 pseudo[k].append(best.inputs)
+                pseudo_targets[k].append(targets)
             server.log(f"fedf2dg round {server.round} batch {batch}: samples per client "
                        f"[{' '.join(str(len(pseudo[k][-1])) for k in clients)}], student CE "
                        f"[{' '.join(f'{loss:.3f}' for loss in losses)}]")
@@ -384,7 +388,8 @@ class FedF2DG(FedAvg):
                 logits.append(torch.cat([teacher(rolled[i:i + STATISTICS_BATCH])
                                          for i in range(0, len(rolled), STATISTICS_BATCH)]))
             images.append(rolled)
-        return torch.cat(images), torch.cat(logits), losses
+        targets = torch.cat([t for k in clients for t in pseudo_targets[k]])
+        return torch.cat(images), targets, torch.cat(logits), losses
 
     # ------------------------------------------------------------------ distillation
     def distil(self, weights, images, logits, start, server):

@@ -118,16 +118,10 @@ class FedHUG(FedAvg):
         if a.plain_inversion_samples:
             ctx.metrics.update(self.plain_inversion(ctx, targets))
         if ctx.round in (a.start_round, a.comm_round - 1):
-            ctx.artifacts["synthetic"] = self.samples_per_class(batches.tensors[0], targets)
+            ctx.artifacts["synthetic"] = synthesis.picture_samples(batches.tensors[0], targets, self.num_classes)
         ctx.log(f"fedhug client {ctx.client_id}: drift {drift:.4f}, budget {budget} ({len(targets)} synthesised), "
                 f"weights real {real_weight:.3f} syn {syn_weight:.3f}, "
                 f"class distribution [{' '.join(f'{d:.2f}' for d in distribution.tolist())}]")
-
-    def samples_per_class(self, inputs, targets, per_class=8):
-        """Up to `per_class` synthetic inputs of every class (the first made), for the picture
-        of what synthesis makes (plot_run.py): {"inputs": float16, "targets": classes}."""
-        keep = torch.cat([torch.nonzero(targets == c).flatten()[:per_class] for c in range(self.num_classes)])
-        return {"inputs": inputs[keep].detach().half().cpu(), "targets": targets[keep].cpu()}
 
     def entropy_batches(self, ctx):
         """--ua_entropy_batches shuffled, un-augmented batches of the client's training data."""

@@ -1,7 +1,9 @@
 """Pictures of one run's inside, from its run directory:
 
     synthetic.png     FedHUG: the synthetic samples of one client and round, a row per class
-                      (artifacts/round<r>_client<k>.pt, saved at --start_round and the last round)
+                      (artifacts/round<r>_client<k>.pt, saved at --start_round and the last round);
+                      FedF2DG: the server's pseudo images of one round (artifacts/round<r>_server.pt,
+                      saved at the distillation round and the last round)
     drift_budget.png  FedHUG: every client's drift and synthesis budget per round
                       (metrics.jsonl's client_metrics)
 
@@ -21,7 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the Agg backend)
 import torch  # noqa: E402
 
-ARTIFACT = re.compile(r"^round(\d+)_client(\d+)\.pt$")
+ARTIFACT = re.compile(r"^round(\d+)_(?:client(\d+)|server)\.pt$")
+SERVER = -1          # the "client" of the server's artifacts
 
 
 def synthetic_grid(artifact, title):
@@ -92,6 +95,10 @@ def diagnostics_plot(records, title):
     return figure
 
 
+def owner(client):
+    return "the server" if client == SERVER else f"client {client}"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Pictures of one run's inside (FedHUG's synthetic samples, "
                                      "drift and budget) from its run directory.")
@@ -108,19 +115,19 @@ def main(argv=None):
     name = os.path.basename(os.path.normpath(args.run_dir))
     written = []
     folder = os.path.join(args.run_dir, "artifacts")
-    saved = sorted((int(m[1]), int(m[2]), m[0]) for m in map(ARTIFACT.match, sorted(os.listdir(folder)))
-                   if m) if os.path.isdir(folder) else []
+    saved = sorted((int(m[1]), int(m[2]) if m[2] else SERVER, m[0])
+                   for m in map(ARTIFACT.match, sorted(os.listdir(folder))) if m) if os.path.isdir(folder) else []
     chosen = [s for s in saved if (args.round is None or s[0] == args.round)
               and (args.client is None or s[1] == args.client)]
     if (args.round is not None or args.client is not None) and not chosen:
         print(f"error: no synthetic samples saved for round {args.round}, client {args.client} in {folder} "
-              f"(saved: {', '.join(f'round {r} client {k}' for r, k, _ in saved) or 'none'})", file=sys.stderr)
+              f"(saved: {', '.join(f'round {r} {owner(k)}' for r, k, _ in saved) or 'none'})", file=sys.stderr)
         return 2
     if chosen:
         last_round = max(r for r, _, _ in chosen)
         round_index, client, file = min(s for s in chosen if s[0] == last_round)
         artifact = torch.load(os.path.join(folder, file), weights_only=True)["synthetic"]
-        figure = synthetic_grid(artifact, f"{name}: synthetic samples of client {client}, round {round_index}")
+        figure = synthetic_grid(artifact, f"{name}: synthetic samples of {owner(client)}, round {round_index}")
         written.append(os.path.join(args.run_dir, "synthetic.png"))
         figure.savefig(written[-1], dpi=100)
     if any(r.get("client_metrics") for r in records):

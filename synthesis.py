@@ -378,6 +378,13 @@ def invert(teacher, student, targets, input_shape, generator, steps, lr, terms, 
     return best
 
 
+def picture_samples(inputs, targets, num_classes, per_class=8):
+    """Up to `per_class` inputs of every class (the first made), for a picture of what inversion
+    makes (plot_run.py): {"inputs": float16 on the CPU, "targets": their classes}."""
+    keep = torch.cat([torch.nonzero(targets == c).flatten()[:per_class] for c in range(num_classes)])
+    return {"inputs": inputs[keep].detach().half().cpu(), "targets": targets[keep].cpu()}
+
+
 def clamp_(x, box):
     """x clamped in place to box = (low, high), broadcast per channel."""
     with torch.no_grad():

@@ -117,6 +117,7 @@ class ServerContext:
     device: torch.device
     log_lines: list = field(default_factory=list)
     metrics: dict = field(default_factory=dict)   # figures of the server's round (FedF2DG's stage) for its record
+    artifacts: dict = field(default_factory=dict)  # tensors for the experimenter (FedF2DG's pseudo images), saved in the run directory
 
     def log(self, line):
         self.log_lines.append(line)

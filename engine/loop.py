@@ -262,7 +262,7 @@ class Run:
         downloads, results, local_scores = self.run_clients(round_index, sampled, show)
         for result in results:
             if result.artifacts:
-                self.save_artifacts(round_index, result)
+                self.save_artifacts(round_index, f"client{result.client_id}", result.artifacts)
             if a.keep_client_models and "weights" in result.upload:
                 self.kept_models[result.client_id] = result.upload["weights"]
             for observer in self.observers:
@@ -270,6 +270,8 @@ class Run:
         self.server_state = algorithm.server_update(self.server_state, results, server)
         for line in server.log_lines:
             self.dir.log(line)
+        if server.artifacts:
+            self.save_artifacts(round_index, "server", server.artifacts)
         if not self.evaluates(round_index):
             scores = {"accuracy": None}
         else:
@@ -280,12 +282,12 @@ class Run:
         self.record_round(round_index, scores, started, sampled, float(np.mean(losses)) if losses else None,
                           **server.metrics, **({"client_metrics": client_metrics} if client_metrics else {}))
 
-    def save_artifacts(self, round_index, result):
-        """A client's artifacts (ClientResult.artifacts: e.g. FedHUG's synthetic samples), for the
-        experimenter, never the server: artifacts/round<r>_client<k>.pt."""
+    def save_artifacts(self, round_index, owner, artifacts):
+        """Artifacts of a client (ClientResult.artifacts: FedHUG's synthetic samples, never sent to
+        the server) or of the server (ServerContext.artifacts: FedF2DG's pseudo images), for the
+        experimenter: artifacts/round<r>_<owner>.pt, owner client<k> or server."""
         os.makedirs(self.dir.file("artifacts"), exist_ok=True)
-        torch.save(to_device(result.artifacts, "cpu"),
-                   self.dir.file(os.path.join("artifacts", f"round{round_index}_client{result.client_id}.pt")))
+        torch.save(to_device(artifacts, "cpu"), self.dir.file(os.path.join("artifacts", f"round{round_index}_{owner}.pt")))
 
     def evaluation_round(self, show):
         """--eval local: round R = comm_round, every client evaluated, nobody trains."""

@@ -2,16 +2,19 @@
 the validation hold-out (kept out of every client, drawn only when asked), per-client soft labels
 from each client's own teacher, the KD optimiser re-created every epoch with best (>=) selection,
 the usage errors, and short Fashion-MNIST runs through all stages: above chance, stages and prior
-named, class histograms and feature statistics counted in the bytes, and resumed across the stage
+named, class histograms and feature statistics counted in the bytes, the pseudo images saved and
+drawn, and resumed across the stage
 boundaries equal to the uninterrupted run."""
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
 import yaml
 
 import cvdataset
+import plot_run
 from conftest import algorithm_args, assert_resume_equals_uninterrupted, interrupt_after, random_client_side, records_of
 from engine import ServerContext, main
 from engine.data import load_federated_data
@@ -96,9 +99,11 @@ def test_soft_labels_come_from_each_clients_own_teacher_on_its_rolled_images(alg
     state = {"weights": algorithm.setting.initial_weights[algorithm.args.model],
              "class_counts": torch.stack([c.class_counts for c in data.clients])}
     server = ServerContext(2, torch.Generator().manual_seed(0), torch.device("cpu"))
-    images, logits, losses = algorithm.generate(state, teachers, {}, 2, 10.0, None, server)
+    images, targets, logits, losses = algorithm.generate(state, teachers, {}, 2, 10.0, None, server)
     sizes = [len(client_targets(c, n)) for c, n in zip(state["class_counts"], client_sample_counts(state["class_counts"], 12))]
-    assert len(images) == 2 * sum(sizes) and len(losses) == 2
+    assert len(images) == len(targets) == 2 * sum(sizes) and len(losses) == 2
+    expected = [client_targets(c, n) for c, n in zip(state["class_counts"], client_sample_counts(state["class_counts"], 12))]
+    assert torch.equal(targets, torch.cat([expected[0], expected[0], expected[1], expected[1]]))
     assert images.min() >= -1 and images.max() <= 1                  # the valid box
     first = 2 * sizes[0]
     for k, part in ((0, slice(0, first)), (1, slice(first, None))):
@@ -199,6 +204,12 @@ def test_stages_bytes_and_resume_across_stage_boundaries(tmp_path, small_fashion
     assert records[2]["bytes_uploaded_by_kind"] == {"class_counts": 3 * 10 * 8, "num_samples": 3 * 8}
     assert records[4]["bytes_uploaded_by_kind"] == {"num_samples": 3 * 8}
     assert records[2]["bytes_downloaded"] == 0 and records[4]["bytes_downloaded"] == 0
+    # the server's pseudo images of the distillation and the last round, drawn by plot_run.py
+    assert sorted(os.listdir(whole / "artifacts")) == ["round2_server.pt", "round4_server.pt"]
+    saved = torch.load(whole / "artifacts" / "round2_server.pt", weights_only=True)["synthetic"]
+    assert saved["inputs"].shape[1:] == (1, 28, 28) and len(saved["inputs"]) == len(saved["targets"])
+    assert all(int((saved["targets"] == c).sum()) <= 8 for c in range(10))
+    assert plot_run.main([str(whole)]) == 0 and (whole / "synthetic.png").is_file()
     assert set(records[3]["bytes_downloaded_by_kind"]) == {"weights"}
     # killed at the end of the distil round (resumes into it) and of the first Rcompete round
     for stop in (2, 4):

@@ -24,6 +24,9 @@ ALGORITHMS = {
     "moon.py": ["--mu", "0.5"],
     "fedhug.py": ["--start_round", "1", "--g_steps", "3", "--synthesis_batch_size", "16"],
     "scaffold.py": [],
+    # killed after the distillation round (round 1): the resumed run crosses into the Rcompete rounds
+    "fedf2dg.py": ["--pretrain_rounds", "1", "--iters_mi", "4", "--inversion_batch_size", "8", "--num_batch", "1",
+                   "--kd_epochs", "1", "--validation_size", "200"],
 }
 # algorithm script -> (keys of its server state, keys of every client's state) in a checkpoint
 STATE_KEYS = {
@@ -31,6 +34,8 @@ STATE_KEYS = {
     "moon.py": ({"weights"}, {"local_model"}),
     "fedhug.py": ({"weights"}, {"local_model"}),
     "scaffold.py": ({"weights", "control"}, {"control"}),
+    "fedf2dg.py": ({"weights", "control", "next_round", "client_models", "feature_statistics", "best", "teachers",
+                    "teacher_statistics", "student_losses", "class_counts"}, {"control"}),
 }
 
 
