@@ -45,12 +45,12 @@ def test_fedf2dg_tables_by_hand(tmp_path, capsys):
     assert tables.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| method | seeds | end of pre-training (round 2) | selected pre-trained model | after distillation " \
-           "(round 3) | final (round 4) |" in out
+           "(round 3) | final (round 4) | best round, selected on the test set |" in out
     # FedAvg: round 2 0.5 both; round 3 0.6 both; final 0.8 and 0.6 -> 70.00 ± 14.14
-    assert "| FedAvg | 2 | 50.00 ± 0.00 | - | 60.00 ± 0.00 | 70.00 ± 14.14 |" in out
+    assert "| FedAvg | 2 | 50.00 ± 0.00 | - | 60.00 ± 0.00 | 70.00 ± 14.14 | 70.00 ± 14.14 |" in out
     # FedF2DG: round 2 0.4, 0.5; selected rounds 1 (0.5) and 2 (0.5); distil 0.6, 0.5; final 0.7, 0.9
     assert "| FedF2DG, feature prior (SimpleCNN) | 2 | 45.00 ± 7.07 | 50.00 ± 0.00 (rounds 1, 2) | 55.00 ± 7.07 " \
-           "| 80.00 ± 14.14 |" in out
+           "| 80.00 ± 14.14 | 80.00 ± 14.14 |" in out
     assert "SCAFFOLD" not in out
     # seconds: rounds 0-2 cost 1 + 2 + 3 = 6, round 3 4, round 4 5; 5 MB of weights over the run
     assert "| FedF2DG, feature prior (SimpleCNN) | 6 ± 0 | 4 ± 0 | 5 ± 0 | 15 ± 0 | weights 5 |" in out

@@ -3,7 +3,7 @@
 # prior on its BN variant) beside FedAvg, SCAFFOLD and FedHUG on Fashion-MNIST Dir(0.05) and
 # Dir(0.1), 10 clients all sampled every round, 3 seeds, 33 rounds of 30 local steps (FedF2DG:
 # 30 pre-training rounds, 1 distillation round, 2 Rcompete rounds; FedHUG: synthesis from round 30).
-# About an hour on 2 CPU cores. Then: python docs/fedf2dg/tables.py log/fedf2dg
+# About 45 minutes on 2 CPU cores. Then: python docs/fedf2dg/tables.py log/fedf2dg
 #   bash docs/fedf2dg/runs.sh [OUT]      (OUT defaults to log/fedf2dg)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -1,6 +1,6 @@
 """The tables and pictures of docs/fedf2dg-results.md from the runs of docs/fedf2dg/runs.sh:
 
-    python docs/fedf2dg/tables.py log/fedf2dg [--pictures docs/fedf2dg]
+    python docs/fedf2dg/tables.py log/fedf2dg [--pictures docs/fedf2dg [--pictures_of SETTING]]
 
 The folder holds one sweep per variant: features/ and bn/ (FedF2DG with the feature-statistics
 prior on SimpleCNN and with the BatchNorm prior on SimpleCNN-BN) and baselines/ (FedAvg, SCAFFOLD,
@@ -13,6 +13,8 @@ Per setting (Dir(beta)) and method, mean ± sample std (ddof 1) over seeds, in p
                           hold-out (the student of the distillation), scored on the test set
     after distillation    round R1
     final                 the last round (after the Rcompete rounds)
+    best round            the highest of any round, selected on the test set (optimistic; for
+                          comparison with FedF2DG's validation-selected pre-trained model)
 and the seconds each stage took (sum of its rounds' seconds), MB uploaded by kind over the run.
 --pictures writes the per-class grids of FedF2DG's pseudo images (distillation round) and FedHUG's
 synthetic samples (client 0, first synthesis round) of the first seed of every setting.
@@ -82,7 +84,8 @@ def pretrain_rounds(setting_runs):
 def accuracy_table(setting_runs):
     r1 = pretrain_rounds(setting_runs)
     lines = [f"| method | seeds | end of pre-training (round {r1 - 1}) | selected pre-trained model | "
-             f"after distillation (round {r1}) | final (round {{last}}) |", "|---|---:|---:|---:|---:|---:|"]
+             f"after distillation (round {r1}) | final (round {{last}}) | best round, selected on the test set |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     last = set()
     for _, _, display in METHODS:
         seeds = setting_runs.get(display)
@@ -97,7 +100,8 @@ def accuracy_table(setting_runs):
             rounds = sorted({run["selected"] for run in seeds.values()})
             selected_text += f" (rounds {', '.join(map(str, rounds))})"
         lines.append(f"| {display} | {len(seeds)} | {cell([a.get(r1 - 1) for a in by_round])} | {selected_text} | "
-                     f"{cell([a.get(r1) for a in by_round])} | {cell([a[max(a)] for a in by_round])} |")
+                     f"{cell([a.get(r1) for a in by_round])} | {cell([a[max(a)] for a in by_round])} | "
+                     f"{cell([max(a.values()) for a in by_round])} |")
     lines[0] = lines[0].replace("{last}", ", ".join(map(str, sorted(last))))
     return "\n".join(lines)
 
@@ -132,13 +136,15 @@ def cost_table(setting_runs):
     return "\n".join(lines)
 
 
-def pictures(found, out):
+def pictures(found, out, only=None):
     """Per setting: FedF2DG's pseudo images of the distillation round (both priors) and FedHUG's
     synthetic samples of client 0 in its first synthesis round, seed 0 (or the lowest)."""
     import torch
     import plot_run
     written = []
     for setting, setting_runs in found.items():
+        if only and setting != only:
+            continue
         for display, short in (("FedF2DG, feature prior (SimpleCNN)", "fedf2dg_features"),
                                ("FedF2DG, BN prior (SimpleCNN-BN)", "fedf2dg_bn"), ("FedHUG", "fedhug")):
             seeds = setting_runs.get(display)
@@ -155,7 +161,7 @@ def pictures(found, out):
             source = "the server's pseudo images" if short != "fedhug" else "client 0's synthetic samples"
             figure = plot_run.synthetic_grid(artifact, f"{display}\n{setting}, seed {seed}: {source}, round {round_index}")
             written.append(os.path.join(out, f"{short}_{setting}.png"))
-            figure.savefig(written[-1], dpi=80)
+            figure.savefig(written[-1], dpi=60)
     return written
 
 
@@ -163,6 +169,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("folder")
     parser.add_argument("--pictures", metavar="DIR", help="also write the pseudo-image grids here")
+    parser.add_argument("--pictures_of", metavar="SETTING", help="only this setting's grids (e.g. "
+                        "fashionmnist_noniid_beta0.05; default: every setting)")
     args = parser.parse_args(argv)
     found = read_runs(args.folder)
     if not found:
@@ -174,7 +182,7 @@ def main(argv=None):
               f"Seconds per stage and uploads:\n\n{cost_table(setting_runs)}\n")
     if args.pictures:
         os.makedirs(args.pictures, exist_ok=True)
-        print("pictures: " + ", ".join(pictures(found, args.pictures)), file=sys.stderr)
+        print("pictures: " + ", ".join(pictures(found, args.pictures, args.pictures_of)), file=sys.stderr)
     return 0
 
 
