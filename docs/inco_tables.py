@@ -7,7 +7,8 @@ Per setting folder (fashionmnist_noniid_beta<b>) and algorithm, over its seeds (
 runs/<algorithm>_seed<s>, metrics.jsonl): the final round's group accuracies (each depth's model
 on the official test set) and their unweighted mean, as mean ± sample std (ddof 1) over seeds, in
 percent; InCo* minus Hetero* of the same base method (mean over seeds of the paired difference,
-seed by seed, and how many seeds it is positive on); MB up a round and seconds a round.
+seed by seed, and how many seeds it is positive on); MB up a round and seconds a round; when the
+runs were scored at several rounds (--eval_every), the paired difference at each of them.
 """
 import argparse
 import json
@@ -84,6 +85,29 @@ def difference_table(runs):
     return "\n".join(lines)
 
 
+def trajectory_table(runs):
+    """InCo* - Hetero* (points, mean ± std over paired seeds) at every evaluated round, when the
+    runs were scored more than once (--eval_every); None otherwise."""
+    rows, rounds = [], set()
+    for base in BASES:
+        hetero, inco = runs.get("hetero" + base, {}), runs.get("inco" + base, {})
+        seeds = sorted(set(hetero) & set(inco))
+        if not seeds:
+            continue
+        scored = [{r["round"]: r["accuracy"] for r in records if r.get("accuracy") is not None}
+                  for records in [hetero[s] for s in seeds] + [inco[s] for s in seeds]]
+        common = sorted(set.intersection(*(set(x) for x in scored)))
+        rounds.update(common)
+        cells = {r: cell([i[r] - h[r] for h, i in zip(scored[:len(seeds)], scored[len(seeds):])]) for r in common}
+        rows.append((DISPLAY[base], cells))
+    if len(rounds) < 2:
+        return None
+    rounds = sorted(rounds)
+    lines = ["| base method | " + " | ".join(f"round {r}" for r in rounds) + " |", "|---|" + "---:|" * len(rounds)]
+    lines += [f"| {name} | " + " | ".join(cells.get(r, "n/a") for r in rounds) + " |" for name, cells in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="the sweep's --out folder (settings below it)")
@@ -98,6 +122,9 @@ def main(argv=None):
         if not runs:
             continue
         print(f"### {setting}\n\n{setting_table(runs)}\n\n{difference_table(runs)}\n")
+        trajectory = trajectory_table(runs)
+        if trajectory:
+            print(f"InCo* - Hetero* (points) at every evaluated round:\n\n{trajectory}\n")
     return 0
 
 

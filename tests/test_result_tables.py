@@ -78,3 +78,20 @@ def test_inco_tables_by_hand(tmp_path, capsys, family):
     else:
         # paired differences +5 and -2 points: mean 1.50, std 4.95, ahead on 1 seed of 2
         assert "| Avg | 45.00 ± 7.07 | 46.50 ± 2.12 | 1.50 ± 4.95 | 1 of 2 |" in out
+
+
+def test_inco_tables_trajectory_by_hand(tmp_path, capsys):
+    tables = load("docs/inco_tables.py", "inco_tables")
+    setting = tmp_path / "fashionmnist_noniid_beta0.5"
+    # (round 4, round 9) accuracies per seed; round 0 trained, not evaluated
+    for seed, (hetero, inco) in enumerate((((0.30, 0.40), (0.32, 0.45)), ((0.35, 0.50), (0.33, 0.48)))):
+        for name, accuracies in (("heteroavg", hetero), ("incoavg", inco)):
+            records = [{"round": 0, "accuracy": None, "seconds": 1.0, "bytes_uploaded": 1e6}]
+            records += [{"round": r, "accuracy": a, "seconds": 1.0, "bytes_uploaded": 1e6,
+                         "group_accuracies": {"inco-cnn-1-1": a}} for r, a in zip((4, 9), accuracies)]
+            write_run(setting / "runs" / f"{name}_seed{seed}", records, [])
+    assert tables.main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # round 4: +2 and -2 points -> 0.00 ± 2.83; round 9: +5 and -2 -> 1.50 ± 4.95
+    assert "| base method | round 4 | round 9 |" in out
+    assert "| Avg | 0.00 ± 2.83 | 1.50 ± 4.95 |" in out
