@@ -12,6 +12,8 @@ FedAvg run's own later rounds are the "no synthesis" row. Variants (flags of fed
     no-entropy       --ua_entropy_weight 0    (no push towards the student's uncertainty)
     no-margin        --ua_boundary_lambda 0   (no push towards its decision boundaries)
     fixed-budget     --ua_budget_alpha 0      (every client --synthesis_batch_size samples, whatever its drift)
+    bf16             --synthesis_bf16         (full with bf16 autocast in synthesis: does it stay within
+                                               the fp32 runs' seed spread?)
     no-synthesis     FedAvg
     steps-G          full with --g_steps G, for every G of --steps (accuracy against synthesis steps)
 
@@ -33,9 +35,10 @@ sys.path.insert(0, ROOT)
 from tables import read_run_dir  # noqa: E402
 
 VARIANTS = {"full": [], "no-entropy": ["--ua_entropy_weight", "0"], "no-margin": ["--ua_boundary_lambda", "0"],
-            "fixed-budget": ["--ua_budget_alpha", "0"]}
+            "fixed-budget": ["--ua_budget_alpha", "0"], "bf16": ["--synthesis_bf16"]}
 LABELS = {"full": "FedHUG (full)", "no-entropy": "no entropy term", "no-margin": "no margin term",
-          "fixed-budget": "fixed budget (no drift scaling)", "no-synthesis": "no synthesis (FedAvg)"}
+          "fixed-budget": "fixed budget (no drift scaling)", "bf16": "FedHUG (full), bf16 synthesis",
+          "no-synthesis": "no synthesis (FedAvg)"}
 TINY = dict(seeds=[0], rounds=2, iters=1, start_round=1, g_steps=1, steps=[2], budget=10, n_parties=2)
 
 
@@ -111,7 +114,7 @@ def collect(args, variant):
 
 
 def write_table(args):
-    variants = ["full", "no-entropy", "no-margin", "fixed-budget", "no-synthesis"]
+    variants = ["full", "no-entropy", "no-margin", "fixed-budget", "bf16", "no-synthesis"]
     steps = sorted({args.g_steps, *args.steps})
     lines = [f"FedHUG ablations: Fashion-MNIST Dir({args.beta:g}), {args.n_parties} clients, {args.rounds} rounds of "
              f"{args.iters} local iterations, FedHUG from round {args.start_round} (budget {args.budget}), seeds "
