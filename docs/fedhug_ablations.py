@@ -2,6 +2,7 @@
 
     python docs/fedhug_ablations.py                       # 3 seeds at the paper's setting (hours on 2 cores)
     python docs/fedhug_ablations.py --tiny                # the whole pipeline in a minute (CI)
+    python docs/fedhug_ablations.py --variants full bf16  # only some variants (FedAvg always runs)
 
 Per seed, one FedAvg run of --rounds rounds keeps its checkpoint after round --start_round - 1
 (with every client's last model); every FedHUG variant continues from that checkpoint, so all
@@ -50,6 +51,8 @@ def parse_args(argv):
     p.add_argument("--start_round", type=int, default=50)
     p.add_argument("--g_steps", type=int, default=50, help="the full variant's synthesis steps (the main job's)")
     p.add_argument("--steps", type=int, nargs="*", default=[25, 100, 200], help="further --g_steps to run")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                   help="which FedHUG variants to run (default: all; FedAvg always runs)")
     p.add_argument("--budget", type=int, default=256, help="--synthesis_batch_size")
     p.add_argument("--n_parties", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.1)
@@ -89,7 +92,7 @@ def fedhug_runs(args, seed):
     common = ["--start_round", str(args.start_round), "--synthesis_batch_size", str(args.budget),
               "--load_path", snapshot]
     runs = {f"{variant}_seed{seed}": [*common, "--g_steps", str(args.g_steps), *flags]
-            for variant, flags in VARIANTS.items()}
+            for variant, flags in VARIANTS.items() if variant in args.variants}
     runs.update({f"steps-{g}_seed{seed}": [*common, "--g_steps", str(g)] for g in args.steps if g != args.g_steps})
     return runs
 
@@ -114,7 +117,7 @@ def collect(args, variant):
 
 
 def write_table(args):
-    variants = ["full", "no-entropy", "no-margin", "fixed-budget", "bf16", "no-synthesis"]
+    variants = [v for v in VARIANTS if v in args.variants] + ["no-synthesis"]
     steps = sorted({args.g_steps, *args.steps})
     lines = [f"FedHUG ablations: Fashion-MNIST Dir({args.beta:g}), {args.n_parties} clients, {args.rounds} rounds of "
              f"{args.iters} local iterations, FedHUG from round {args.start_round} (budget {args.budget}), seeds "
