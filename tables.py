@@ -248,6 +248,14 @@ def span(numbers):
     return f"{numbers[0]}" if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
 
 
+def mean_std(values, digits=2):
+    """'mean ± sample std (ddof=1)' of numbers, the number alone for one value (the results
+    documents' cells)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
 def cell_text(mean, std):
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 

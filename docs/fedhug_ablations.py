@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from tables import read_run_dir  # noqa: E402
+from tables import mean_std, read_run_dir  # noqa: E402
 
 VARIANTS = {"full": [], "no-entropy": ["--ua_entropy_weight", "0"], "no-margin": ["--ua_boundary_lambda", "0"],
             "fixed-budget": ["--ua_budget_alpha", "0"], "bf16": ["--synthesis_bf16"]}
@@ -98,11 +98,7 @@ def fedhug_runs(args, seed):
 
 
 def cell(values, digits=2):
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std(values, digits) if values else "n/a"
 
 
 def collect(args, variant):

@@ -17,6 +17,9 @@ import re
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tables import mean_std  # noqa: E402
+
 RUN_NAME = re.compile(r"^(?P<algorithm>.+)_seed(?P<seed>\d+)$")
 BASES = ("avg", "prox", "scaffold", "nova", "moon")
 DISPLAY = {"avg": "Avg", "prox": "Prox", "scaffold": "Scaffold", "nova": "Nova", "moon": "MOON"}
@@ -38,12 +41,7 @@ def final_records(folder):
 
 
 def cell(values, digits=2):
-    values = [100.0 * v for v in values]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std([100.0 * v for v in values], digits) if values else "n/a"
 
 
 def setting_table(runs):

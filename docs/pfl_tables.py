@@ -18,6 +18,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import registry  # noqa: E402
+from tables import mean_std  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<algorithm>.+)_seed(?P<seed>\d+)$")
 
@@ -38,10 +39,7 @@ def read_runs(folder):
 
 
 def cell(values, scale=100.0, digits=2):
-    values = [v * scale for v in values]
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std([v * scale for v in values], digits)
 
 
 def table(runs):

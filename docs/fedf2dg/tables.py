@@ -23,11 +23,11 @@ import argparse
 import json
 import os
 import re
-import statistics
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from tables import mean_std  # noqa: E402
 
 RUN_NAME = re.compile(r"^(?P<algorithm>.+)_seed(?P<seed>\d+)$")
 STUDENT = re.compile(r"fedf2dg round (\d+): stage distil, .*student pre-training round (\d+),")
@@ -65,11 +65,7 @@ def read_runs(folder):
 
 def cell(values, scale=100.0, digits=2):
     values = [scale * v for v in values if v is not None]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_std(values, digits) if values else "-"
 
 
 def pretrain_rounds(setting_runs):
