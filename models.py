@@ -41,6 +41,8 @@ Algorithm.head_prefix gives "head." for each), `features(x)` = base(x) (after a 
         HtFLlib's names in hcnns8 are kept: there same-named entries can differ in shape
         (base.fc1.1.weight is [512, 4608] in hcnn-c1, [512, 1024] in hcnn-c2).
 """
+import contextlib
+
 import torch
 from torch import nn
 
@@ -101,7 +103,22 @@ class MaxPool2x2(nn.Module):
     """nn.MaxPool2d(2) (kernel 2, stride 2), same numbers, computed by max_pool_2x2."""
 
     def forward(self, x):
-        return max_pool_2x2(x)
+        return pooling(x)
+
+
+pooling = max_pool_2x2       # what MaxPool2x2 runs; plain_pooling() swaps in PyTorch's own
+
+
+@contextlib.contextmanager
+def plain_pooling():
+    """Within it, every MaxPool2x2 runs F.max_pool2d (same numbers): for benchmarks of code as
+    published, which pools with nn.MaxPool2d."""
+    global pooling
+    saved, pooling = pooling, lambda x: nn.functional.max_pool2d(x, 2)
+    try:
+        yield
+    finally:
+        pooling = saved
 
 
 class SimpleCNNBase(nn.Module):
@@ -394,8 +411,8 @@ class NestedDepthCNN(nn.Module):
         return self.fc
 
     def features(self, x):
-        x = max_pool_2x2(torch.relu(self.stem(x)))
-        x = self.stage2(max_pool_2x2(self.stage1(x)))
+        x = pooling(torch.relu(self.stem(x)))
+        x = self.stage2(pooling(self.stage1(x)))
         return x.mean((2, 3))
 
     def forward(self, x):

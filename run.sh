@@ -44,17 +44,20 @@ options (each also read from the environment variable in capitals; a flag wins):
   --algorithms "A ..."   any names of python main.py --list, e.g. "fedavg fedhug"
                          (default: the seven of the FedHUG paper's table; with the pfl
                          profile FedAvg, FedAvg+FT and the personalised family)
-  --workers N            worker processes running the clients of a round (default: the
-                         CPU cores, at most --n_parties; 1 when a CUDA GPU is present);
-                         results are identical to a serial run
+  --workers N            the cores the job uses (default: the CPU cores, at most
+                         --n_parties; 1 when a CUDA GPU is present): N runs at a time, each
+                         a serial one-thread process; a run that starts when no other is
+                         waiting gets the free cores as its --workers. Results are identical
+                         to running them one by one, serially
   --logroot DIR          output folder (default: log/ beside run.sh)
   --fresh                start this invocation's runs over instead of continuing them
   -h, --help             this text
-  -- FLAGS               passed to every script, e.g. -- --workers 2
+  -- FLAGS               passed to every script, e.g. -- --eval_every 5
 
 outputs, for the setting S = [<profile>_]<dataset>_<partition>[_beta<B>][_<N>clients][_<model>]
 (no profile prefix for the default profile):
-  LOGROOT/S/<algorithm>_seed<s>.log   what the script printed (its >> Round lines)
+  LOGROOT/S/<algorithm>_seed<s>.log   what the script printed (its >> Round lines); run.sh's
+                                      stdout is these logs whole, one after the other
   LOGROOT/S/runs/<algorithm>_seed<s>/ its run directory (log.txt, metrics.jsonl, config.yaml,
                                       partition.svg; FedHUG's synthetic.png, drift_budget.png)
   LOGROOT/S/table.md, table.csv, table.tex   final and best accuracy, last-10 mean and std,
@@ -183,8 +186,7 @@ out="$LOGROOT/$setting"
 mkdir -p "$out/runs"
 
 common_flags=(--dataset "$DATASET" --partition "$PARTITION" --beta "$BETA" --n_parties "$N_PARTIES"
-              --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS"
-              --workers "$WORKERS")
+              --sample_fraction 1.0 --num_local_iterations "$ITERS" --comm_round "$ROUNDS")
 [ "$PROFILE" = pfl ] && common_flags=(--scenario pfllib "${common_flags[@]}")     # its batch, lr, epochs, eval
 [ -n "$MODEL" ] && common_flags+=(--model "$MODEL")
 
@@ -212,32 +214,18 @@ case "$PROFILE" in
     quick) title="SMOKE TEST (profile quick: $ROUNDS rounds x $ITERS local iterations, FedHUG from round $START_ROUND with $G_STEPS synthesis steps): far from convergence, it compares nothing; bash run.sh gives the real table" ;;
     *) title="profile $PROFILE: $ROUNDS rounds x $ITERS local iterations, FedHUG from round $START_ROUND with $G_STEPS synthesis steps and a budget of $BUDGET" ;;
 esac
-echo "run.sh: $title; setting $setting, seeds $SEEDS, $WORKERS worker(s), output $out"
+echo "run.sh: $title; setting $setting, seeds $SEEDS, $WORKERS run(s) at a time, output $out"
 if [[ " $ALGORITHMS " == *" fedhug "* ]] && [ "$START_ROUND" -ge "$ROUNDS" ]; then
     echo "run.sh: note: FedHUG starts synthesis at round $START_ROUND >= $ROUNDS rounds, so it runs as FedAvg (set START_ROUND)"
 fi
 
-# the job's progress bar (engine/progress.py) goes to this stderr when it is a terminal, never into a log
-runs_in_all=0 units_in_all=0
+# The runs go into a job file; engine/jobs.py runs them, one per core (each serial, one thread:
+# the same numbers as any --workers), FedHUG as soon as FedAvg's checkpoint is there, with one
+# progress bar on the terminal and each run's log on stdout whole, one after the other.
+job_file="$out/job.jsonl"
+rm -f "$job_file"
 for seed in $SEEDS; do
     for algorithm in $ALGORITHMS; do
-        runs_in_all=$((runs_in_all + 1))
-        if [ "$algorithm" = fedhug ] && [ "$warm_fedhug" = 1 ]; then
-            units_in_all=$((units_in_all + ROUNDS - START_ROUND))
-        else
-            units_in_all=$((units_in_all + ROUNDS))
-        fi
-    done
-done
-exec 3>&2
-job_start="$(date +%s)"
-run_index=0 units_done=0
-
-started=$SECONDS
-failed=()
-for seed in $SEEDS; do
-    for algorithm in $ALGORITHMS; do
-        run_index=$((run_index + 1))
         mapfile -t command < <(algorithm_command "$algorithm")
         if [ ! -f "${command[0]}" ]; then
             echo "run.sh: note: ${command[0]} does not exist yet; skipping $algorithm"
@@ -249,46 +237,38 @@ for seed in $SEEDS; do
         if [ "$FRESH" = 1 ]; then
             rm -rf "$run_dir" "$log"
         fi
-        resume=()
+        resume=() resumed=()
         if [ -f "$run_dir/checkpoint.pt" ]; then
-            resume=(--resume "$run_dir")         # continue it (a finished run is only re-read)
+            resume=(--resume "$run_dir") resumed=(--resumed)   # continue it (a finished run is only re-read)
         elif [ -d "$run_dir" ]; then
             rm -rf "$run_dir"                    # no round finished: nothing to keep
         fi
-        warm=() units="$ROUNDS"
+        warm=() job_options=(--units "$ROUNDS")
         if [ "$warm_fedhug" = 1 ] && [ "$algorithm" = fedavg ]; then
             warm=(--keep_client_models --snapshot_rounds "$snapshot_round")
         elif [ "$warm_fedhug" = 1 ] && [ "$algorithm" = fedhug ]; then
-            snapshot="$out/runs/fedavg_seed${seed}/checkpoint_round${snapshot_round}.pt"
             if [ ${#resume[@]} -gt 0 ] && grep -q "^warm start: rounds" "$run_dir/log.txt" 2>/dev/null; then
-                units=$((ROUNDS - START_ROUND))  # a warm-started run, continued
-            elif [ ${#resume[@]} -eq 0 ] && [ -f "$snapshot" ]; then
-                warm=(--load_path "$snapshot")
-                units=$((ROUNDS - START_ROUND))
+                job_options=(--units $((ROUNDS - START_ROUND)))     # a warm-started run, continued
             elif [ ${#resume[@]} -eq 0 ]; then
-                echo "run.sh: note: no FedAvg checkpoint after round $snapshot_round for seed $seed ($snapshot); FedHUG computes rounds 0-$snapshot_round itself"
-                units_in_all=$((units_in_all + START_ROUND))
+                job_options+=(--after "fedavg_seed${seed}" --warm_units $((ROUNDS - START_ROUND))
+                              --warm_start "$out/runs/fedavg_seed${seed}/checkpoint_round${snapshot_round}.pt")
             fi
         fi
-        [ -f "$log" ] && cp "$log" "$log.previous"
-        echo "run.sh: === $algorithm, seed $seed${resume:+ (continuing $run_dir)}${warm:+ (${warm[*]})} ==="
-        status=0
-        progress=()
-        [ -t 3 ] && progress=(FL_JOB="$run_index $runs_in_all $units_done $units_in_all $job_start $algorithm seed $seed" FL_JOB_FD=3)
-        env "${progress[@]}" python -u "${command[@]}" "${common_flags[@]}" --init_seed "$seed" \
-            --logdir "$out/runs" --log_file_name "$name" "${resume[@]}" "${warm[@]}" "${extra_flags[@]}" 2>&1 \
-            | tee "$log" || status=$?
-        units_done=$((units_done + units))
-        if [ "$status" -eq 2 ]; then             # bad flags: nothing ran, keep the earlier log
-            [ -f "$log.previous" ] && mv "$log.previous" "$log"
-            if [ ${#resume[@]} -gt 0 ]; then
-                die "$run_dir holds a run made with other flags (above); use another --logroot or --fresh"
-            fi
-            die "$algorithm refused its flags (above)"
-        fi
-        rm -f "$log.previous"
-        [ "$status" -eq 130 ] && die "interrupted; bash run.sh again continues from the checkpoints"
-        [ "$status" -eq 0 ] || failed+=("$algorithm seed $seed (exit $status, see $log)")
+        python3 -m engine.jobs add "$job_file" --name "$name" --log "$log" --run_dir "$run_dir" \
+            "${job_options[@]}" "${resumed[@]}" -- python -u "${command[@]}" "${common_flags[@]}" \
+            --init_seed "$seed" --logdir "$out/runs" --log_file_name "$name" "${resume[@]}" "${warm[@]}" \
+            "${extra_flags[@]}"
+    done
+done
+
+started=$SECONDS
+status=0
+[ -f "$job_file" ] && { python3 -m engine.jobs run "$job_file" --cores "$WORKERS" || status=$?; }
+[ "$status" -eq 2 ] && exit 2                  # a run refused its flags (engine/jobs.py said which)
+[ "$status" -eq 130 ] && die "interrupted; bash run.sh again continues from the checkpoints"
+for seed in $SEEDS; do
+    for algorithm in $ALGORITHMS; do
+        run_dir="$out/runs/${algorithm}_seed${seed}"
         [ -f "$run_dir/partition.svg" ] && [ ! -f "$out/partition_seed${seed}.svg" ] \
             && cp "$run_dir/partition.svg" "$out/partition_seed${seed}.svg"
         if [ "$algorithm" = fedhug ] && [ -f "$run_dir/metrics.jsonl" ]; then
@@ -310,7 +290,4 @@ else
 fi
 elapsed=$((SECONDS - started))
 echo "run.sh: elapsed $((elapsed / 60)) min $((elapsed % 60)) s"
-if [ ${#failed[@]} -gt 0 ]; then
-    printf 'run.sh: failed: %s\n' "${failed[@]}" >&2
-    exit 1
-fi
+exit "$status"                                 # 1 when a run failed (engine/jobs.py listed it)

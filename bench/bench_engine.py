@@ -1,10 +1,11 @@
 """One FedAvg round (10 clients x 100 iterations, batch 64, Fashion-MNIST) three ways, in one process:
 
   reference-style  per-client DataLoader over per-sample PIL RandomCrop/Flip/ToTensor/Normalize,
-                   one nn.Module (deepcopy) per client, sequential (as the published code does);
+                   one nn.Module (deepcopy) per client, PyTorch's max pooling, sequential (as the
+                   published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
-                   batches), then FedAvg.server_update;
+                   batches, models.MaxPool2x2), then FedAvg.server_update;
   floor            bare forward/backward/step of the same batches, already in memory.
 
 Prints medians over --repeats and ratios against the reference-style round, for each thread
@@ -30,6 +31,7 @@ from engine import ServerContext  # noqa: E402
 from engine.executors import SerialExecutor, build_client_side  # noqa: E402
 from engine.loop import algorithm_parser  # noqa: E402
 from fedavg import FedAvg  # noqa: E402
+from models import plain_pooling  # noqa: E402
 from utils import parse_args  # noqa: E402
 
 TINY = {"threads": [1], "repeats": 1, "n_parties": 2, "iterations": 2}
@@ -141,8 +143,9 @@ def main(argv=None):
     for threads in options.threads:
         torch.set_num_threads(threads)
         engine_round(algorithm, executor, server_state, 0)          # warm-up
-        reference = timed(lambda: reference_round(data, global_model, options.iterations, args.batch_size),
-                          options.repeats)
+        with plain_pooling():               # the published code pools with nn.MaxPool2d
+            reference = timed(lambda: reference_round(data, global_model, options.iterations, args.batch_size),
+                              options.repeats)
         engine = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
         floor = timed(lambda: floor_round(copy.deepcopy(global_model), batches), options.repeats)
         for name, seconds in [("reference-style", reference), ("engine", engine), ("floor", floor)]:

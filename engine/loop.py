@@ -331,8 +331,7 @@ class Run:
         try:
             if self.start_round == 0 and not self.dir.records:
                 self.initialise()
-            warm_rounds = [r["round"] for r in self.dir.records if "warm_start_from" in r]
-            bar = rounds_bar(max(warm_rounds, default=-1) + 1, self.start_round, a.comm_round)
+            bar = rounds_bar(self.start_round, a.comm_round)
             self.dir.before_print = bar.clear
             for round_index in range(self.start_round, a.comm_round):
                 self.run_round(round_index, show)

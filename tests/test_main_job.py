@@ -18,7 +18,7 @@ import pytest
 
 import tables
 from conftest import ROOT, run_script
-from engine import progress
+from engine import jobs
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -118,28 +118,104 @@ def read_until_quiet(terminal, quiet_seconds=0.5, limit_seconds=10):
     return drawn.decode()
 
 
-def test_job_progress_bar_is_drawn_on_the_terminal_it_is_given(monkeypatch):
+FAKE_RUN = """
+import json, os, sys, time
+name, run_dir, rounds, seconds, code = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+os.makedirs(run_dir, exist_ok=True)
+started = time.time()
+for r in range(rounds):
+    time.sleep(seconds / max(rounds, 1))
+    print(f"{name} round {r} ünïcode", flush=True)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps({"round": r}) + "\\n")
+with open(os.path.join(run_dir, "seen.json"), "w") as f:
+    json.dump({"argv": sys.argv[6:], "started": started, "ended": time.time()}, f)
+sys.exit(code)
+"""
+
+
+def add_fake_run(tmp_path, name, rounds, seconds, code=0, **options):
+    script = tmp_path / "fake_run.py"
+    script.write_text(FAKE_RUN)
+    run_dir = tmp_path / "runs" / name
+    argv = ["add", str(tmp_path / "job.jsonl"), "--name", name, "--log", str(tmp_path / f"{name}.log"),
+            "--run_dir", str(run_dir), "--units", str(rounds)]
+    for key, value in options.items():
+        argv += [f"--{key}"] + ([] if value is True else [str(value)])
+    assert jobs.main(argv + ["--", sys.executable, str(script), name, str(run_dir), str(rounds), str(seconds),
+                             str(code)]) == 0
+    return run_dir
+
+
+def run_job(tmp_path, cores, err=None):
+    runs = [jobs.Run(json.loads(line)) for line in open(tmp_path / "job.jsonl")]
+    out = io.StringIO()
+    status = jobs.Job(runs, cores, out=out, err=err or io.StringIO()).run()
+    return status, out.getvalue()
+
+
+def seen(run_dir):
+    return json.loads((run_dir / "seen.json").read_text())
+
+
+def test_job_runs_one_per_core_waits_for_after_and_prints_logs_whole_in_start_order(tmp_path):
+    slow = add_fake_run(tmp_path, "fedavg_seed0", 3, 1.5)
+    other = add_fake_run(tmp_path, "fedprox_seed0", 3, 0.3)
+    (tmp_path / "snapshot.pt").write_text("x")
+    warm = add_fake_run(tmp_path, "fedhug_seed0", 5, 0.3, after="fedavg_seed0", warm_start=tmp_path / "snapshot.pt",
+                        warm_units=2)
+    status, out = run_job(tmp_path, cores=2)
+    assert status == 0
+    # two at a time, one worker each while another run waits; FedHUG only after FedAvg, with the
+    # checkpoint it waited for, and both cores (FedProx has finished, nothing else waits)
+    assert seen(slow)["argv"] == ["--workers", "1"] and seen(other)["argv"] == ["--workers", "1"]
+    assert seen(other)["started"] < seen(slow)["ended"]
+    assert seen(warm)["started"] >= seen(slow)["ended"]
+    assert seen(warm)["argv"] == ["--load_path", str(tmp_path / "snapshot.pt"), "--workers", "2"]
+    # stdout: each log whole under its header, in start order (FedProx finished first, shown second)
+    blocks = re.split(r"^run\.sh: === ", out, flags=re.M)[1:]
+    assert [block.split(" ", 1)[0] for block in blocks] == ["fedavg_seed0", "fedprox_seed0", "fedhug_seed0"]
+    for block, name, rounds in zip(blocks, ("fedavg_seed0", "fedprox_seed0", "fedhug_seed0"), (3, 3, 5)):
+        assert block.splitlines()[1:] == [f"{name} round {r} ünïcode" for r in range(rounds)]
+        assert block.split("\n", 1)[1] == (tmp_path / f"{name}.log").read_text()
+    assert "warm start from" in blocks[2].splitlines()[0]
+
+
+def test_a_failed_run_is_listed_and_the_others_finish(tmp_path):
+    add_fake_run(tmp_path, "broken_seed0", 1, 0.1, code=1)
+    done = add_fake_run(tmp_path, "fedavg_seed0", 2, 0.5)
+    err = io.StringIO()
+    status, _ = run_job(tmp_path, cores=1, err=err)
+    assert status == 1 and seen(done)
+    assert err.getvalue() == f"run.sh: failed: broken_seed0 (exit 1, see {tmp_path / 'broken_seed0.log'})\n"
+
+
+def test_a_run_refusing_its_flags_stops_the_job_and_keeps_its_earlier_log(tmp_path):
+    (tmp_path / "refused_seed0.log").write_text("the earlier log\n")
+    add_fake_run(tmp_path, "refused_seed0", 0, 0, code=2, resumed=True)
+    long_run = add_fake_run(tmp_path, "fedavg_seed0", 50, 60)
+    never = add_fake_run(tmp_path, "fedprox_seed0", 1, 0)
+    err = io.StringIO()
+    started = time.time()
+    status, _ = run_job(tmp_path, cores=2, err=err)
+    assert status == 2 and time.time() - started < 30            # the 60-second run was stopped
+    assert not (long_run / "seen.json").exists() and not never.exists()
+    assert (tmp_path / "refused_seed0.log").read_text() == "the earlier log\n"
+    assert "holds a run made with other flags" in err.getvalue()
+
+
+def test_job_bar_is_drawn_on_a_terminal_and_not_into_a_file(tmp_path):
+    add_fake_run(tmp_path, "fedavg_seed0", 4, 1.0)
     terminal, screen = os.openpty()
-    monkeypatch.setenv("FL_JOB", f"2 3 10 40 {time.time() - 60} fedprox seed 0")
-    monkeypatch.setenv("FL_JOB_FD", str(screen))
-    bar = progress.rounds_bar(0, 0, 20)
-    bar.round_done(9)                      # 10 units before this run + 10 rounds = 20 of 40, after ~60 s
-    bar.close()
+    with os.fdopen(os.dup(screen), "w") as stream:
+        status, out = run_job(tmp_path, cores=1, err=stream)
     drawn = read_until_quiet(terminal)
-    assert "run.sh [2/3] fedprox seed 0" in drawn and "20/40 rounds" in drawn
-    assert re.search(r"1 min 0\d s elapsed, ~1 min 0\d s left", drawn), drawn
+    assert status == 0 and "run.sh [0/1 runs]" in drawn and re.search(r"\d/4 rounds", drawn), drawn
+    assert "running fedavg_seed0" in drawn and "run.sh [" not in out
     os.close(terminal), os.close(screen)
-
-
-def test_job_progress_bar_is_not_drawn_into_a_file(monkeypatch, tmp_path):
-    with open(tmp_path / "log.txt", "w") as log:
-        monkeypatch.setenv("FL_JOB", f"1 1 0 5 {time.time()} fedavg seed 0")
-        monkeypatch.setenv("FL_JOB_FD", str(log.fileno()))
-        bar = progress.rounds_bar(0, 0, 5)
-        assert isinstance(bar, progress.RunBar)
-        bar.round_done(0)
-        bar.close()
-    assert (tmp_path / "log.txt").read_text() == ""
+    with open(tmp_path / "bar.txt", "w") as file:
+        jobs.Bar([], file).draw()
+    assert (tmp_path / "bar.txt").read_text() == ""
 
 
 def test_tensorboard_scalars_or_one_clear_line(tmp_path):
