@@ -18,9 +18,9 @@ options (each also read from the environment variable in capitals; a flag wins):
                          default: the seed's comparison at the FedHUG paper's setting (70
                          rounds x 100 local iterations, FedHUG from round 50 with a budget of
                          256) with FedHUG's synthesis at --g_steps 50 instead of the paper's
-                         500 (45 minutes in all on 2 CPU cores, see README); paper: the
+                         500 (about 32 minutes in all on 2 CPU cores, see README); paper: the
                          same with --g_steps 500 (FedHUG's 20 synthesis rounds then take
-                         about an hour and a half on a CPU); quick: a smoke test, 15
+                         hours on a CPU); quick: a smoke test, 15
                          rounds x 25 iterations, FedHUG from round 10 with --g_steps 30 and a
                          budget of 64 (a few minutes; its table says it compares nothing);
                          pfl: the personalised comparison under PFLlib's scenario (--scenario
@@ -75,7 +75,7 @@ re-read); one made with other flags (e.g. other --rounds) stops run.sh: use anot
 --logroot or --fresh. A script that does not exist yet is skipped with a note.
 
 examples:
-  bash run.sh                                                     # the seed's table, ~45 min on 2 cores
+  bash run.sh                                                     # the seed's table, ~32 min on 2 cores
   bash run.sh --profile quick                                     # a smoke test, minutes
   bash run.sh --profile paper --seeds "0 1 2" --beta 0.5
   ROUNDS=2 ITERS=5 ALGORITHMS="fedavg fedavgm" LOGROOT=/tmp/log bash run.sh

@@ -7,7 +7,7 @@
     engine/observers.py   observers of every download and upload; the byte counter
     engine/checkpoint.py  checkpoints; engine/rundir.py: run directories, logs, metrics
     engine/executors.py   clients in this process; engine/parallel.py: worker processes, Ray
-    engine/registry.py    every algorithm by name
+    engine/registry.py    every algorithm by name; engine/jobs.py: run.sh's scheduler
 """
 # Names are imported on first use (PEP 562), so `from engine import registry` needs no torch.
 _EXPORTS = {
