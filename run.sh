@@ -265,7 +265,10 @@ started=$SECONDS
 status=0
 [ -f "$job_file" ] && { python3 -m engine.jobs run "$job_file" --cores "$WORKERS" || status=$?; }
 [ "$status" -eq 2 ] && exit 2                  # a run refused its flags (engine/jobs.py said which)
-[ "$status" -eq 130 ] && die "interrupted; bash run.sh again continues from the checkpoints"
+if [ "$status" -eq 130 ]; then
+    echo "run.sh: interrupted; bash run.sh again continues from the checkpoints" >&2
+    exit 130
+fi
 for seed in $SEEDS; do
     for algorithm in $ALGORITHMS; do
         run_dir="$out/runs/${algorithm}_seed${seed}"

@@ -200,17 +200,18 @@ class Job:
                     if code != 2 and os.path.exists(run.log + ".previous"):
                         os.remove(run.log + ".previous")
 
-    def stop_running(self):
-        """SIGINT to every running run (each keeps its last checkpoint), then wait, bounded."""
-        for run in self.runs:
-            if run.process and run.status is None:
-                try:
-                    run.process.send_signal(signal.SIGINT)
-                except OSError:
-                    pass
+    def stop_running(self, signalled=False):
+        """Stop every running run: each keeps its last checkpoint. `signalled`: they had the
+        terminal's SIGINT already (Ctrl-C), so they get time to exit before a SIGINT of ours; a
+        run still there after STOP_SECONDS is killed."""
         deadline = time.time() + STOP_SECONDS
         for run in self.runs:
             if run.process and run.status is None:
+                if not signalled:
+                    try:
+                        run.process.send_signal(signal.SIGINT)
+                    except OSError:
+                        pass
                 try:
                     run.status = run.process.wait(timeout=max(0.1, deadline - time.time()))
                 except subprocess.TimeoutExpired:
@@ -231,9 +232,8 @@ class Job:
                 self.bar.draw()
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
-            self.stop_running()
+            self.stop_running(signalled=True)
             self.print_logs_of_finished()
-            self.say("run.sh: interrupted; bash run.sh again continues from the checkpoints")
             return 130
         self.bar.clear()
         failed = [run for run in self.runs if run.status != 0]
