@@ -53,7 +53,6 @@ class Run:
         self.workers = 0
         self.printed = None         # bytes of the log already on stdout (None: not even its header)
         self.printed_whole = False
-        self.done_at_start = None   # rounds already in metrics.jsonl when it started (a resumed run)
 
     def rounds_done(self):
         """Rounds this run has computed (a warm start's copied records are not its own)."""
@@ -141,7 +140,6 @@ class Job:
         run.argv = argv
         if os.path.exists(run.log):
             shutil.copyfile(run.log, run.log + ".previous")
-        run.done_at_start = run.rounds_done()
         with open(run.log, "wb") as log:
             run.process = subprocess.Popen(argv + ["--workers", str(run.workers)], stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL)
@@ -233,7 +231,7 @@ class Job:
                 time.sleep(POLL_SECONDS)
         except KeyboardInterrupt:
             self.stop_running(signalled=True)
-            self.print_logs_of_finished()
+            self.print_logs()        # stop_running has every status
             return 130
         self.bar.clear()
         failed = [run for run in self.runs if run.status != 0]
@@ -241,15 +239,9 @@ class Job:
             self.err.write(f"run.sh: failed: {run.name} (exit {run.status}, see {run.log})\n")
         return 1 if failed else 0
 
-    def print_logs_of_finished(self):
-        for run in self.runs:
-            if run.process and run.status is None:
-                run.status = run.process.poll()
-        self.print_logs()
-
     def refuse(self, run):
         self.stop_running()
-        self.print_logs_of_finished()
+        self.print_logs()        # stop_running has every status
         if os.path.exists(run.log + ".previous"):
             os.replace(run.log + ".previous", run.log)      # nothing ran: keep the earlier log
         if run.resumed:

@@ -31,7 +31,7 @@ from engine.checkpoint import check_same, client_states_from, load_checkpoint, s
 from engine.evaluation import evaluate, summarise_local
 from engine.executors import build_client_side, initial_weights, make_executor  # noqa: F401 (initial_weights re-exported)
 from engine.observers import CommunicationCounter
-from engine.progress import rounds_bar
+from engine.progress import RunBar
 from engine.registry import EVAL_PROTOCOLS
 from engine.rundir import RunDirectory, read_first_lines
 from models import count_parameters
@@ -331,7 +331,7 @@ class Run:
         try:
             if self.start_round == 0 and not self.dir.records:
                 self.initialise()
-            bar = rounds_bar(self.start_round, a.comm_round)
+            bar = RunBar(self.start_round, a.comm_round)
             self.dir.before_print = bar.clear
             for round_index in range(self.start_round, a.comm_round):
                 self.run_round(round_index, show)

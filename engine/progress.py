@@ -36,8 +36,3 @@ def terminal_width(stream):
 def format_minutes(seconds):
     minutes, seconds = divmod(int(seconds), 60)
     return f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-
-
-def rounds_bar(start_round, comm_round):
-    """The run's bar from `start_round` (after a resume or a warm start) to `comm_round`."""
-    return RunBar(start_round, comm_round)
