@@ -1,7 +1,7 @@
 """The main job (`bash run.sh`): the table's stability, communication and time columns against
 hand values; the whole pipeline at a tiny setting (bench/bench_main_job.py --tiny) writing and
 parsing every file; FedHUG warm-started from FedAvg's checkpoint identical to FedHUG computing
-those rounds itself; the job's progress bar on the terminal and never in a log; --tensorboard."""
+those rounds itself; the job's progress bar on the terminal and never in a log; Ctrl-C; --tensorboard."""
 import csv
 import importlib.util
 import io
@@ -9,6 +9,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -202,6 +203,62 @@ def test_a_run_refusing_its_flags_stops_the_job_and_keeps_its_earlier_log(tmp_pa
     assert not (long_run / "seen.json").exists() and not never.exists()
     assert (tmp_path / "refused_seed0.log").read_text() == "the earlier log\n"
     assert "holds a run made with other flags" in err.getvalue()
+
+
+INTERRUPTIBLE_RUN = """
+import os, signal, sys, time
+name, run_dir = sys.argv[1], sys.argv[2]
+os.makedirs(run_dir, exist_ok=True)
+interrupts = []
+
+def on_interrupt(signum, frame):
+    interrupts.append(time.time())
+    if len(interrupts) == 1:
+        raise KeyboardInterrupt
+
+signal.signal(signal.SIGINT, on_interrupt)
+try:
+    for r in range(600):
+        print(f"{name} round {r}", flush=True)
+        time.sleep(0.1)
+except KeyboardInterrupt:
+    time.sleep(1.0)          # exiting takes a while: a second SIGINT now would be counted
+    with open(os.path.join(run_dir, "interrupts.txt"), "w") as f:
+        f.write(str(len(interrupts)))
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_reaches_every_run_once_and_the_job_exits_130(tmp_path):
+    """Ctrl-C on a terminal sends SIGINT to the whole foreground process group: the scheduler
+    must not send its own on top (a run would be interrupted while saving), must wait for the
+    runs to exit, print their logs and exit 130 (run.sh then prints its one message)."""
+    script = tmp_path / "interruptible_run.py"
+    script.write_text(INTERRUPTIBLE_RUN)
+    job_file = tmp_path / "job.jsonl"
+    for name in ("fedavg_seed0", "fedprox_seed0"):
+        assert jobs.main(["add", str(job_file), "--name", name, "--log", str(tmp_path / f"{name}.log"),
+                          "--run_dir", str(tmp_path / "runs" / name), "--units", "600", "--",
+                          sys.executable, str(script), name, str(tmp_path / "runs" / name)]) == 0
+    scheduler = subprocess.Popen([sys.executable, "-m", "engine.jobs", "run", str(job_file), "--cores", "2"],
+                                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)        # its own process group, as a terminal job
+    deadline = time.time() + 30
+    while time.time() < deadline and not all(
+            "round 3" in (tmp_path / f"{name}.log").read_text() if (tmp_path / f"{name}.log").exists() else False
+            for name in ("fedavg_seed0", "fedprox_seed0")):
+        time.sleep(0.1)
+    os.killpg(scheduler.pid, signal.SIGINT)                     # what Ctrl-C does
+    try:
+        out, err = scheduler.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(scheduler.pid, signal.SIGKILL)
+        raise AssertionError("the job did not exit within 30 s of Ctrl-C")
+    assert scheduler.returncode == 130, err
+    for name in ("fedavg_seed0", "fedprox_seed0"):
+        assert (tmp_path / "runs" / name / "interrupts.txt").read_text() == "1"     # one SIGINT each
+        assert f"{name} round 3" in out                          # both logs reached stdout
+    assert "Traceback" not in err
 
 
 def test_job_bar_is_drawn_on_a_terminal_and_not_into_a_file(tmp_path):
