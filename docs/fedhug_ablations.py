@@ -21,7 +21,8 @@ FedAvg run's own later rounds are the "no synthesis" row. Variants (flags of fed
 Writes OUT/runs/<variant>_seed<s>/ (run directories), and into --docs: table.md (per variant, mean
 ± sample std over seeds of the final-round accuracy, the mean and the std of the last 10 rounds,
 seconds a round from --start_round on) and steps.png (final and last-10 accuracy against synthesis steps, 0 =
-FedAvg). A finished run is re-read, not re-run; an unfinished one starts over.
+FedAvg). A finished run is re-read, not re-run; an unfinished one starts over; a finished FedAvg
+run without its checkpoint (runs kept as metrics only) is run again when a variant still needs it.
 """
 import argparse
 import os
@@ -70,11 +71,23 @@ def parse_args(argv):
     return args
 
 
-def run(args, script, name, seed, flags):
-    """One run into OUT/runs/<name>; skipped when its metrics already reach the last round."""
+def finished(args, name):
+    """Whether OUT/runs/<name> holds a run whose metrics reach the last round."""
     run_dir = os.path.join(args.out, "runs", name)
     curve = read_run_dir(run_dir, "") if os.path.isfile(os.path.join(run_dir, "metrics.jsonl")) else None
-    if curve is not None and curve.rounds and curve.rounds[-1] == args.rounds - 1:
+    return curve is not None and bool(curve.rounds) and curve.rounds[-1] == args.rounds - 1
+
+
+def snapshot_path(args, seed):
+    """FedAvg's checkpoint after round start_round - 1, which every FedHUG variant continues from."""
+    return os.path.join(args.out, "runs", f"no-synthesis_seed{seed}", f"checkpoint_round{args.start_round - 1}.pt")
+
+
+def run(args, script, name, seed, flags, needs=None):
+    """One run into OUT/runs/<name>; skipped when it has finished before (and the file `needs`,
+    if given, exists: a FedAvg run kept without its checkpoint is run again for it)."""
+    run_dir = os.path.join(args.out, "runs", name)
+    if finished(args, name) and (needs is None or os.path.isfile(needs)):
         return name, "finished before"
     shutil.rmtree(run_dir, ignore_errors=True)
     command = [sys.executable, os.path.join(ROOT, script), "--dataset", "fashionmnist", "--partition", "noniid",
@@ -88,9 +101,8 @@ def run(args, script, name, seed, flags):
 
 
 def fedhug_runs(args, seed):
-    snapshot = os.path.join(args.out, "runs", f"no-synthesis_seed{seed}", f"checkpoint_round{args.start_round - 1}.pt")
     common = ["--start_round", str(args.start_round), "--synthesis_batch_size", str(args.budget),
-              "--load_path", snapshot]
+              "--load_path", snapshot_path(args, seed)]
     runs = {f"{variant}_seed{seed}": [*common, "--g_steps", str(args.g_steps), *flags]
             for variant, flags in VARIANTS.items() if variant in args.variants}
     runs.update({f"steps-{g}_seed{seed}": [*common, "--g_steps", str(g)] for g in args.steps if g != args.g_steps})
@@ -161,13 +173,18 @@ def plot_steps(points, path):
 def main(argv=None):
     args = parse_args(argv)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        fedavg = [pool.submit(run, args, "fedavg.py", f"no-synthesis_seed{s}", s,
-                              ["--keep_client_models", "--snapshot_rounds", str(args.start_round - 1)])
-                  for s in args.seeds]
-        for future in fedavg:
-            print(*future.result(), flush=True)
-        fedhug = [pool.submit(run, args, "fedhug.py", name, s, flags)
-                  for s in args.seeds for name, flags in fedhug_runs(args, s).items()]
+        # every FedAvg run first; a seed's FedHUG variants are queued as soon as its FedAvg run has
+        # finished (behind the FedAvg runs still queued), so no core waits for a later seed
+        fedavg = {}
+        for s in args.seeds:
+            pending = [name for name in fedhug_runs(args, s) if not finished(args, name)]
+            fedavg[s] = pool.submit(run, args, "fedavg.py", f"no-synthesis_seed{s}", s,
+                                    ["--keep_client_models", "--snapshot_rounds", str(args.start_round - 1)],
+                                    needs=snapshot_path(args, s) if pending else None)
+        fedhug = []
+        for s in args.seeds:
+            print(*fedavg[s].result(), flush=True)
+            fedhug += [pool.submit(run, args, "fedhug.py", name, s, flags) for name, flags in fedhug_runs(args, s).items()]
         for future in fedhug:
             print(*future.result(), flush=True)
     write_table(args)
