@@ -53,14 +53,20 @@ class Run:
         self.workers = 0
         self.printed = None         # bytes of the log already on stdout (None: not even its header)
         self.printed_whole = False
+        self.final_rounds = None    # rounds_done once the run has ended (its file no longer changes)
 
     def rounds_done(self):
-        """Rounds this run has computed (a warm start's copied records are not its own)."""
+        """Rounds this run has computed (a warm start's copied records are not its own); read
+        from its metrics.jsonl until the run has ended, then remembered."""
+        if self.final_rounds is not None:
+            return self.final_rounds
         try:
             with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
                 own = sum(1 for line in f if line.strip() and '"warm_start_from"' not in line)
         except OSError:
             own = 0
+        if self.status is not None:
+            self.final_rounds = min(own, self.units)
         return min(own, self.units)
 
     def header(self):
