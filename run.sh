@@ -17,8 +17,9 @@ options (each also read from the environment variable in capitals; a flag wins):
   --profile default|paper|quick|pfl
                          default: the seed's comparison at the FedHUG paper's setting (70
                          rounds x 100 local iterations, FedHUG from round 50 with a budget of
-                         256) with FedHUG's synthesis at --g_steps 50 instead of the paper's
-                         500 (about 32 minutes in all on 2 CPU cores, see README); paper: the
+                         256) with FedHUG's synthesis at --g_steps 25 instead of the paper's
+                         500 (25 did as well as 50 over 3 seeds at this setting,
+                         docs/fedhug-ablations.md; the job's time on 2 CPU cores: README); paper: the
                          same with --g_steps 500 (FedHUG's 20 synthesis rounds then take
                          hours on a CPU); quick: a smoke test, 15
                          rounds x 25 iterations, FedHUG from round 10 with --g_steps 30 and a
@@ -132,7 +133,7 @@ done
 
 PROFILE="${PROFILE:-default}"
 case "$PROFILE" in
-    default) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=50 profile_budget=256 ;;
+    default) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=25 profile_budget=256 ;;
     quick) profile_rounds=15 profile_iters=25 profile_start_round=10 profile_g_steps=30 profile_budget=64 ;;
     paper) profile_rounds=70 profile_iters=100 profile_start_round=50 profile_g_steps=500 profile_budget=256 ;;
     pfl) profile_rounds=20 profile_iters=100 profile_start_round=0 profile_g_steps=30 profile_budget=64
