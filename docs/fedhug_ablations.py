@@ -12,6 +12,8 @@ FedAvg run's own later rounds are the "no synthesis" row. Variants (flags of fed
     full             the published defaults (--g_steps as given)
     no-entropy       --ua_entropy_weight 0    (no push towards the student's uncertainty)
     no-margin        --ua_boundary_lambda 0   (no push towards its decision boundaries)
+    plain            both terms 0: plain inversion of the teacher (the baseline FedHUG's
+                                               entropy/margin guidance claims to beat)
     fixed-budget     --ua_budget_alpha 0      (every client --synthesis_batch_size samples, whatever its drift)
     bf16             --synthesis_bf16         (full with bf16 autocast in synthesis: does it stay within
                                                the fp32 runs' seed spread?)
@@ -37,8 +39,10 @@ sys.path.insert(0, ROOT)
 from tables import mean_std, read_run_dir  # noqa: E402
 
 VARIANTS = {"full": [], "no-entropy": ["--ua_entropy_weight", "0"], "no-margin": ["--ua_boundary_lambda", "0"],
+            "plain": ["--ua_entropy_weight", "0", "--ua_boundary_lambda", "0"],
             "fixed-budget": ["--ua_budget_alpha", "0"], "bf16": ["--synthesis_bf16"]}
 LABELS = {"full": "FedHUG (full)", "no-entropy": "no entropy term", "no-margin": "no margin term",
+          "plain": "plain inversion (neither term)",
           "fixed-budget": "fixed budget (no drift scaling)", "bf16": "FedHUG (full), bf16 synthesis",
           "no-synthesis": "no synthesis (FedAvg)"}
 TINY = dict(seeds=[0], rounds=2, iters=1, start_round=1, g_steps=1, steps=[2], budget=10, n_parties=2)

@@ -271,7 +271,7 @@ def test_the_ablation_script_runs_its_pipeline_at_a_tiny_setting(tmp_path):
                              "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "table.md").read_text()
-    for label in ("FedHUG (full)", "no entropy term", "no margin term", "fixed budget", "FedHUG (full), bf16 synthesis",
+    for label in ("FedHUG (full)", "no entropy term", "no margin term", "plain inversion", "fixed budget", "FedHUG (full), bf16 synthesis",
                   "no synthesis (FedAvg)",
                   "FedHUG, 2 steps"):
         assert f"| {label}" in table
