@@ -41,6 +41,14 @@ POLL_SECONDS = 0.2
 STOP_SECONDS = 60           # how long stopped runs get to exit before they are killed
 
 
+def default_sigint():
+    """In a run's process before it starts: SIGINT back to its default, so Python turns it into
+    KeyboardInterrupt (checkpoint kept, clean exit). A job started in the background of a
+    script (`bash run.sh &`) inherits SIGINT ignored, and its runs would then ignore the SIGINT
+    this scheduler stops them with, until killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Run:
     """One line of the job file and, once started, its process."""
 
@@ -148,7 +156,7 @@ class Job:
             shutil.copyfile(run.log, run.log + ".previous")
         with open(run.log, "wb") as log:
             run.process = subprocess.Popen(argv + ["--workers", str(run.workers)], stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL)
+                                           stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
         self.start_order.append(run)
 
     def start_what_fits(self):

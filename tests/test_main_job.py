@@ -192,6 +192,16 @@ def test_a_failed_run_is_listed_and_the_others_finish(tmp_path):
 
 
 def test_a_run_refusing_its_flags_stops_the_job_and_keeps_its_earlier_log(tmp_path):
+    """Also when the job was started with SIGINT ignored (in a script's background, `bash run.sh
+    &`): the runs get SIGINT back, so the scheduler's SIGINT stops them at once."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stops_the_job_and_keeps_its_earlier_log(tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stops_the_job_and_keeps_its_earlier_log(tmp_path):
     (tmp_path / "refused_seed0.log").write_text("the earlier log\n")
     add_fake_run(tmp_path, "refused_seed0", 0, 0, code=2, resumed=True)
     long_run = add_fake_run(tmp_path, "fedavg_seed0", 50, 60)
@@ -242,7 +252,8 @@ def test_ctrl_c_reaches_every_run_once_and_the_job_exits_130(tmp_path):
                           sys.executable, str(script), name, str(tmp_path / "runs" / name)]) == 0
     scheduler = subprocess.Popen([sys.executable, "-m", "engine.jobs", "run", str(job_file), "--cores", "2"],
                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True)        # its own process group, as a terminal job
+                                 start_new_session=True,        # its own process group, as a terminal job
+                                 preexec_fn=jobs.default_sigint)   # with SIGINT live (a test runner may ignore it)
     deadline = time.time() + 30
     while time.time() < deadline and not all(
             "round 3" in (tmp_path / f"{name}.log").read_text() if (tmp_path / f"{name}.log").exists() else False
