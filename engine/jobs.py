@@ -73,9 +73,10 @@ class Run:
                 own = sum(1 for line in f if line.strip() and '"warm_start_from"' not in line)
         except OSError:
             own = 0
+        own = min(own, self.units)
         if self.status is not None:
-            self.final_rounds = min(own, self.units)
-        return min(own, self.units)
+            self.final_rounds = own
+        return own
 
     def header(self):
         notes = [f"{self.workers} worker{'s' if self.workers > 1 else ''}"]
