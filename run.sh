@@ -48,8 +48,10 @@ options (each also read from the environment variable in capitals; a flag wins):
   --workers N            the cores the job uses (default: the CPU cores, at most
                          --n_parties; 1 when a CUDA GPU is present): N runs at a time, each
                          a serial one-thread process; a run that starts when no other is
-                         waiting gets the free cores as its --workers. Results are identical
-                         to running them one by one, serially
+                         waiting gets the free cores as its --workers, and when a core frees
+                         up with no run waiting, the running run with the most time left
+                         continues from its checkpoint with the free cores as --workers.
+                         Results are identical to running them one by one, serially
   --logroot DIR          output folder (default: log/ beside run.sh)
   --fresh                start this invocation's runs over instead of continuing them
   -h, --help             this text
@@ -76,7 +78,7 @@ re-read); one made with other flags (e.g. other --rounds) stops run.sh: use anot
 --logroot or --fresh. A script that does not exist yet is skipped with a note.
 
 examples:
-  bash run.sh                                                     # the seed's table, ~32 min on 2 cores
+  bash run.sh                                                     # the seed's table, 30-40 min on 2 cores
   bash run.sh --profile quick                                     # a smoke test, minutes
   bash run.sh --profile paper --seeds "0 1 2" --beta 0.5
   ROUNDS=2 ITERS=5 ALGORITHMS="fedavg fedavgm" LOGROOT=/tmp/log bash run.sh

@@ -67,7 +67,7 @@ SCENARIOS = {
 # Flags that steer how a run is executed but not what it computes: they may differ between
 # a run and its resume, and they are left out of the checkpoint fingerprint.
 RUN_CONTROL_FLAGS = {"gpu", "device", "threads", "resume", "checkpoint_every", "config", "datadir",
-                     "logdir", "log_file_name", "save_model", "comm_round", "workers",
+                     "logdir", "log_file_name", "save_model", "comm_round", "workers", "no_replay",
                      "backend", "ray_address", "load_path", "keep_client_models", "snapshot_rounds",
                      "tensorboard", "privacy_rounds", "privacy_clients", "privacy_batch_sizes", "privacy_attacks",
                      "privacy_modes", "privacy_preset", "privacy_iterations", "privacy_restarts",
@@ -137,6 +137,8 @@ def build_parser(description, algorithm_flags=()):
     a("--save_model", action="store_true", help="save the final global model in the run directory")
     a("--load_path", default=None, help="warm start from a checkpoint (global model, client models, round)")
     a("--resume", default=None, help="continue a run from its run directory or checkpoint file")
+    a("--no_replay", action="store_true", help="with --resume: do not print the log lines the run kept "
+      "(run.sh's scheduler, whose log of the run holds them already)")
     a("--checkpoint_every", type=int, default=1, help="write the checkpoint every N rounds (0: never)")
     a("--keep_client_models", action="store_true",
       help="keep every client's last uploaded model in the checkpoint, to warm-start algorithms that "

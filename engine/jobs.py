@@ -11,6 +11,11 @@ and logs that never interleave.
   and none waits for another at the end of each round, as workers of one run would (a run's
   results are identical whatever its --workers, so this changes no number). A run started when
   no other run is waiting gets every free core as --workers (the last runs of a job).
+- When no waiting run can start and a core is free, the running run with the most time left (at least
+  --min_widen_seconds at its pace so far) is widened: it stops after the round in progress with
+  its checkpoint (a file PAUSE_FILE in its run directory asks for that; it exits PAUSED_EXIT) and
+  continues from it with the free cores added as --workers. Its numbers are those of one run
+  with any --workers; its log says where it continued.
 - A run with --after waits until that run has finished, then starts before the runs still
   waiting: the warm-started FedHUG, the longest run of the default job, waits for FedAvg.
   --warm_start PATH adds --load_path PATH when the file exists by then (FedAvg's checkpoint
@@ -20,7 +25,8 @@ and logs that never interleave.
   order the runs started: the oldest unfinished run live, the others when their turn comes. So a
   tee'd run.sh log is the runs' logs one after the other, as when they ran one by one.
 - The bar (stderr, only when it is a terminal) counts the rounds in every run's metrics.jsonl
-  against the rounds the job computes, with the time elapsed and left.
+  against the rounds the job computes, with the time elapsed and left (each run's rounds to go
+  at its own seconds a round so far, over the cores).
 
 Exit status: 0 all runs succeeded; 1 some failed (listed; the others ran to the end); 2 a run
 refused its flags (nothing else starts, the running ones are stopped; an earlier log of that run
@@ -39,6 +45,9 @@ from engine.progress import format_minutes, terminal_width
 
 POLL_SECONDS = 0.2
 STOP_SECONDS = 60           # how long stopped runs get to exit before they are killed
+MIN_WIDEN_SECONDS = 60      # widen a run only when it has at least this long left (a restart costs seconds)
+PAUSE_FILE = ".pause"       # engine/loop.py: found in its run directory after a round, the run
+PAUSED_EXIT = 75            # checkpoints, removes it and exits with this status (EX_TEMPFAIL)
 
 
 def default_sigint():
@@ -62,21 +71,57 @@ class Run:
         self.printed = None         # bytes of the log already on stdout (None: not even its header)
         self.printed_whole = False
         self.final_rounds = None    # rounds_done once the run has ended (its file no longer changes)
+        self.pausing = False        # asked to stop after its round, to continue with more workers
+        self.continuing = False     # stopped so: its next start continues from its checkpoint
+
+    def own_records(self):
+        """The records of metrics.jsonl this run computed (a warm start's copied ones are not its own)."""
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
+                return [line for line in f if line.strip() and '"warm_start_from"' not in line]
+        except OSError:
+            return []
 
     def rounds_done(self):
         """Rounds this run has computed (a warm start's copied records are not its own); read
         from its metrics.jsonl until the run has ended, then remembered."""
         if self.final_rounds is not None:
             return self.final_rounds
-        try:
-            with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
-                own = sum(1 for line in f if line.strip() and '"warm_start_from"' not in line)
-        except OSError:
-            own = 0
-        own = min(own, self.units)
+        own = min(len(self.own_records()), self.units)
         if self.status is not None:
             self.final_rounds = own
         return own
+
+    def round_seconds(self):
+        """The seconds of each round it computed, from metrics.jsonl."""
+        seconds = []
+        for line in self.own_records():
+            try:
+                seconds.append(float(json.loads(line)["seconds"]))
+            except (ValueError, KeyError, TypeError):
+                pass                      # a line being written
+        return seconds
+
+    def seconds_left(self, pace=None, seconds=None):
+        """Its rounds still to compute times its mean seconds a round so far (before its first
+        round: `pace`, or None); 0 once it has ended."""
+        if self.status is not None:
+            return 0.0
+        seconds = self.round_seconds() if seconds is None else seconds
+        pace = sum(seconds) / len(seconds) if seconds else pace
+        return None if pace is None else max(0, self.units - len(seconds)) * pace
+
+    def ask_to_pause(self):
+        open(os.path.join(self.run_dir, PAUSE_FILE), "w").close()
+        self.pausing = True
+
+    def clear_pause(self):
+        """No request left behind for a later start of this run (it ended, or was stopped first)."""
+        self.pausing = False
+        try:
+            os.remove(os.path.join(self.run_dir, PAUSE_FILE))
+        except OSError:
+            pass
 
     def header(self):
         notes = [f"{self.workers} worker{'s' if self.workers > 1 else ''}"]
@@ -90,12 +135,23 @@ class Run:
 class Bar:
     """The job's progress bar on a terminal (nothing otherwise): rounds of all runs."""
 
-    def __init__(self, runs, stream):
-        self.runs, self.stream = runs, stream
+    def __init__(self, runs, stream, cores=1):
+        self.runs, self.stream, self.cores = runs, stream, cores
         self.enabled = stream.isatty()
         self.started = time.time()
-        self.at_start = sum(run.rounds_done() for run in runs)
         self.shown = False
+
+    def seconds_left(self):
+        """Every unfinished run's time left at its own seconds a round (one not started yet: at
+        the mean round of all runs so far), spread over the cores, and at least the longest of
+        them; None before any round. Rounds differ: a FedHUG round costs ~3.5 of FedAvg's."""
+        seconds = {run: run.round_seconds() for run in self.runs}
+        every_round = [s for run_seconds in seconds.values() for s in run_seconds]
+        if not every_round:
+            return None
+        pace = sum(every_round) / len(every_round)
+        left = [run.seconds_left(pace, seconds[run]) for run in self.runs]
+        return max(sum(left) / self.cores, max(left))
 
     def draw(self):
         if not self.enabled:
@@ -103,8 +159,8 @@ class Bar:
         total = sum(run.units for run in self.runs)
         done = sum(run.rounds_done() for run in self.runs)
         elapsed = time.time() - self.started
-        rate = (done - self.at_start) / elapsed if elapsed > 0 else 0
-        left = f", ~{format_minutes((total - done) / rate)} left" if rate > 0 else ""
+        seconds_left = self.seconds_left()
+        left = f", ~{format_minutes(seconds_left)} left" if seconds_left is not None else ""
         finished = sum(run.status is not None for run in self.runs)
         running = ", ".join(run.name for run in self.runs if run.process and run.status is None)
         width = terminal_width(self.stream)
@@ -123,9 +179,10 @@ class Bar:
 
 
 class Job:
-    def __init__(self, runs, cores, out=sys.stdout, err=sys.stderr):
+    def __init__(self, runs, cores, out=sys.stdout, err=sys.stderr, min_widen_seconds=MIN_WIDEN_SECONDS):
         self.runs, self.cores, self.out, self.err = runs, max(1, cores), out, err
-        self.bar = Bar(runs, err)
+        self.min_widen_seconds = min_widen_seconds
+        self.bar = Bar(runs, err, self.cores)
         self.by_name = {run.name: run for run in runs}
         self.start_order = []
         for run in runs:
@@ -144,21 +201,31 @@ class Job:
 
     def start(self, run, free_cores):
         others_waiting = len(self.waiting()) > 1
-        run.workers = 1 if others_waiting else free_cores
+        run.workers = free_cores if run.continuing or not others_waiting else 1
         argv = list(run.argv)
-        if run.warm_start:
+        if run.continuing:                      # it paused (widen): the same run from its checkpoint
+            if "--resume" not in argv:
+                argv += ["--resume", run.run_dir]
+            if "--no_replay" not in argv:
+                argv.append("--no_replay")        # its log holds the lines so far
+        elif run.warm_start:
             if os.path.exists(run.warm_start):
                 argv += ["--load_path", run.warm_start]
                 run.units = run.warm_units
             else:
                 self.err.write(f"run.sh: note: {run.warm_start} does not exist; {run.name} computes every round itself\n")
         run.argv = argv
-        if os.path.exists(run.log):
+        if not run.continuing and os.path.exists(run.log):
             shutil.copyfile(run.log, run.log + ".previous")
-        with open(run.log, "wb") as log:
+        with open(run.log, "ab" if run.continuing else "wb") as log:
+            if run.continuing:
+                log.write(f"run.sh: === {run.name} continues from its checkpoint with {run.workers} "
+                          f"worker{'s' if run.workers > 1 else ''} ===\n".encode())
+                log.flush()
             run.process = subprocess.Popen(argv + ["--workers", str(run.workers)], stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
-        self.start_order.append(run)
+        if not run.continuing:
+            self.start_order.append(run)
 
     def start_what_fits(self):
         busy = sum(run.workers for run in self.runs if run.process and run.status is None)
@@ -167,6 +234,17 @@ class Job:
                 break
             self.start(run, self.cores - busy)
             busy += run.workers
+
+    def widen(self):
+        """No waiting run ready to start and a core free: ask the running run with the most time left (at least
+        min_widen_seconds) to pause after its round; poll() then starts it again with the free cores."""
+        running = [run for run in self.runs if run.process and run.status is None]
+        if self.ready() or any(run.pausing for run in running) or sum(run.workers for run in running) >= self.cores:
+            return
+        left = [(run.seconds_left(), run) for run in running]
+        left = [(seconds, run) for seconds, run in left if seconds is not None and seconds >= self.min_widen_seconds]
+        if left:
+            max(left, key=lambda pair: pair[0])[1].ask_to_pause()
 
     # ------------------------------------------------------------------------ output
     def say(self, line):
@@ -208,8 +286,11 @@ class Job:
         for run in self.runs:
             if run.process and run.status is None:
                 code = run.process.poll()
-                if code is not None:
+                if code == PAUSED_EXIT:          # checkpointed after a round: waits to start again
+                    run.process, run.continuing, run.pausing = None, True, False
+                elif code is not None:
                     run.status = code
+                    run.clear_pause()
                     if code != 2 and os.path.exists(run.log + ".previous"):
                         os.remove(run.log + ".previous")
 
@@ -230,6 +311,10 @@ class Job:
                 except subprocess.TimeoutExpired:
                     run.process.kill()
                     run.status = run.process.wait()
+                run.clear_pause()
+        for run in self.runs:
+            if run.continuing and run.process is None and run.status is None:
+                run.status = PAUSED_EXIT         # paused, not started again: its checkpoint is kept
 
     def run(self):
         try:
@@ -239,6 +324,7 @@ class Job:
                 if refused:
                     return self.refuse(refused[0])
                 self.start_what_fits()
+                self.widen()
                 self.print_logs()
                 if all(run.status is not None for run in self.runs):
                     break
@@ -285,6 +371,8 @@ def main(argv=None):
     run = commands.add_parser("run", help="run every run of the job file")
     run.add_argument("job_file")
     run.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    run.add_argument("--min_widen_seconds", type=float, default=MIN_WIDEN_SECONDS,
+                     help="widen the last running run only when it has at least this many seconds left")
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[argv.index("--") + 1:] if "--" in argv else []       # add's run command line
     args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
@@ -300,7 +388,7 @@ def main(argv=None):
         return 0
     with open(args.job_file) as f:
         runs = [Run(json.loads(line)) for line in f if line.strip()]
-    return Job(runs, args.cores).run()
+    return Job(runs, args.cores, min_widen_seconds=args.min_widen_seconds).run()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,9 @@
         server_state = algorithm.server_update(server_state, results, server context)
         evaluate (--eval global, groups), log ">> Round r | Current Acc: ..., Best Acc: ...",
         metrics, checkpoint
+        a file PAUSE_FILE in the run directory: checkpoint, remove it, exit PAUSED_EXIT (not after
+        the last round); --resume continues (run.sh's scheduler restarts a run this way with
+        more --workers when cores free up: the numbers are those of any --workers)
     --eval local: one evaluation-only round R after the last (PFLlib's loop i = 0..R)
 
 Observers (engine/observers.py) see every download and upload; the communication counter is
@@ -30,6 +33,7 @@ from engine.algorithm import ClientContext, ServerContext, TrainingDiverged, clo
 from engine.checkpoint import check_same, client_states_from, load_checkpoint, save_checkpoint
 from engine.evaluation import evaluate, summarise_local
 from engine.executors import build_client_side, initial_weights, make_executor  # noqa: F401 (initial_weights re-exported)
+from engine.jobs import PAUSE_FILE, PAUSED_EXIT
 from engine.observers import CommunicationCounter
 from engine.progress import RunBar
 from engine.registry import EVAL_PROTOCOLS
@@ -37,6 +41,10 @@ from engine.rundir import RunDirectory, read_first_lines
 from models import count_parameters
 from utils import (UsageError, build_parser, choose_device, config_fingerprint, derived_seed, parse_args,
                    set_threads, warn)
+
+
+class RunPaused(Exception):
+    """The run stopped after a round, checkpointed, because PAUSE_FILE appeared."""
 
 
 def sample_clients(init_seed, round_index, n_parties, sample_fraction):
@@ -117,7 +125,8 @@ class Run:
         self.tensorboard = None    # --tensorboard: a SummaryWriter while the run runs
         if resume_checkpoint is not None:
             self.dir = RunDirectory(os.path.dirname(os.path.abspath(resume_checkpoint["path"])),
-                                    resume_checkpoint["log_lines"], resume_checkpoint["metrics_records"])
+                                    resume_checkpoint["log_lines"], resume_checkpoint["metrics_records"],
+                                    replay=not args.no_replay)
             print(f"resumed from {resume_checkpoint['path']} after round {resume_checkpoint['round']}",
                   file=sys.stderr)
             self.restore(resume_checkpoint)
@@ -343,6 +352,10 @@ class Run:
                 elif a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
                                              or round_index == a.comm_round - 1):
                     self.checkpoint(round_index)
+                if round_index < a.comm_round - 1 and os.path.exists(self.dir.file(PAUSE_FILE)):
+                    self.checkpoint(round_index)
+                    os.remove(self.dir.file(PAUSE_FILE))
+                    raise RunPaused(f"paused after round {round_index}; continue with --resume {self.dir.path}")
             if a.eval == "local" and (not self.dir.records or self.dir.records[-1]["round"] < a.comm_round):
                 self.evaluation_round(show)
             if self.dir.records:
@@ -412,6 +425,9 @@ def main(algorithm_class, argv=None, observers=()):
         print(f"error: training diverged at {e}; the last good checkpoint is kept "
               "(lower --lr, then --resume)", file=sys.stderr)
         return 3
+    except RunPaused as e:
+        print(e, file=sys.stderr)
+        return PAUSED_EXIT
     except KeyboardInterrupt:
         print("interrupted; the last complete checkpoint is kept (continue with --resume)", file=sys.stderr)
         return 130

@@ -16,9 +16,9 @@ from utils import UsageError
 
 
 class RunDirectory:
-    def __init__(self, path, log_lines_kept=None, records_kept=None):
+    def __init__(self, path, log_lines_kept=None, records_kept=None, replay=True):
         """A new run directory at `path`, or (resume) an existing one cut back to the given
-        numbers of log lines and metrics records."""
+        numbers of log lines and metrics records, whose kept lines are printed unless not `replay`."""
         self.path = path
         self.before_print = None        # called before a line is printed (a progress bar wiping itself)
         self.log_path = os.path.join(path, "log.txt")
@@ -37,7 +37,7 @@ class RunDirectory:
             atomic_write_lines(self.metrics_path, record_lines)
             self.log_file = open(self.log_path, "a")
             self.metrics_file = open(self.metrics_path, "a")
-            for line in self.lines:
+            for line in self.lines if replay else ():
                 print(line, flush=True)
 
     @staticmethod

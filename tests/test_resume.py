@@ -187,3 +187,43 @@ def test_nan_loss_stops_naming_round_and_client_and_keeps_the_checkpoint(tmp_pat
     checkpoint = torch.load(tmp_path / "nan" / "checkpoint.pt", weights_only=True)
     assert checkpoint["round"] == 0 and checkpoint["metrics_records"] == 1
     assert all(torch.isfinite(v).all() for v in checkpoint["server_state"]["weights"].values())
+
+
+@pytest.mark.parametrize("script", ["fedavg.py", "fedhug.py"])
+def test_a_paused_run_continued_with_two_workers_equals_the_uninterrupted_one(tmp_path, script):
+    """run.sh's scheduler widens a run by a file PAUSE_FILE in its run directory: the run stops
+    after the round in progress with exit PAUSED_EXIT and its checkpoint, removes the file, and
+    --resume with --workers 2 ends exactly as the serial run that never stopped (--no_replay:
+    printing only the lines after the kept ones, as run.sh's log of it holds those already)."""
+    from engine.jobs import PAUSE_FILE, PAUSED_EXIT
+    flags = TINY + ALGORITHMS[script]
+    whole = run_script(script, *flags, logdir=tmp_path, name="whole")
+    assert whole.returncode == 0, whole.stderr
+
+    paused_dir = tmp_path / "paused"
+    paused_dir.mkdir()
+    (paused_dir / PAUSE_FILE).touch()              # asked before round 0 ends: it stops after round 0
+    paused = run_script(script, *flags, logdir=tmp_path, name="paused")
+    assert paused.returncode == PAUSED_EXIT, paused.stderr
+    assert "paused after round 0; continue with --resume" in paused.stderr
+    assert not (paused_dir / PAUSE_FILE).exists()
+    assert torch.load(paused_dir / "checkpoint.pt", weights_only=True)["round"] == 0
+    assert len(metrics_without_time(paused_dir)) == 1
+
+    kept = len((paused_dir / "log.txt").read_text().splitlines())
+    continued = run_script(script, "--resume", paused_dir, "--workers", "2", "--no_replay")
+    assert continued.returncode == 0, continued.stderr
+    assert continued.stdout.splitlines() == whole.stdout.splitlines()[kept:]
+    assert (paused_dir / "log.txt").read_text() == (tmp_path / "whole" / "log.txt").read_text()
+    assert metrics_without_time(paused_dir) == metrics_without_time(tmp_path / "whole")
+
+
+def test_a_pause_file_left_at_the_last_round_does_not_stop_the_run(tmp_path):
+    """The last round has nothing to continue: the run ends as usual, its final line written."""
+    from engine.jobs import PAUSE_FILE
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / PAUSE_FILE).touch()
+    result = run_script("fedavg.py", "--n_parties", "2", "--num_local_iterations", "2", "--comm_round", "1",
+                        logdir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert ">> Final Acc" in (tmp_path / "run" / "log.txt").read_text()
