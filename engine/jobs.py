@@ -202,30 +202,32 @@ class Job:
     def start(self, run, free_cores):
         others_waiting = len(self.waiting()) > 1
         run.workers = free_cores if run.continuing or not others_waiting else 1
-        argv = list(run.argv)
-        if run.continuing:                      # it paused (widen): the same run from its checkpoint
-            if "--resume" not in argv:
-                argv += ["--resume", run.run_dir]
-            if "--no_replay" not in argv:
-                argv.append("--no_replay")        # its log holds the lines so far
-        elif run.warm_start:
-            if os.path.exists(run.warm_start):
-                argv += ["--load_path", run.warm_start]
-                run.units = run.warm_units
-            else:
-                self.err.write(f"run.sh: note: {run.warm_start} does not exist; {run.name} computes every round itself\n")
-        run.argv = argv
-        if not run.continuing and os.path.exists(run.log):
-            shutil.copyfile(run.log, run.log + ".previous")
-        with open(run.log, "ab" if run.continuing else "wb") as log:
-            if run.continuing:
-                log.write(f"run.sh: === {run.name} continues from its checkpoint with {run.workers} "
-                          f"worker{'s' if run.workers > 1 else ''} ===\n".encode())
-                log.flush()
-            run.process = subprocess.Popen(argv + ["--workers", str(run.workers)], stdout=log, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
-        if not run.continuing:
+        if run.continuing:              # it paused (widen): the same run from its checkpoint
+            if "--resume" not in run.argv:
+                run.argv += ["--resume", run.run_dir]
+            if "--no_replay" not in run.argv:
+                run.argv.append("--no_replay")     # its log holds the lines so far
+            log = open(run.log, "ab")
+            log.write(f"run.sh: === {run.name} continues from its checkpoint with {run.workers} "
+                      f"worker{'s' if run.workers > 1 else ''} ===\n".encode())
+            log.flush()
+        else:
+            if run.warm_start:
+                if os.path.exists(run.warm_start):
+                    run.argv += ["--load_path", run.warm_start]
+                    run.units = run.warm_units
+                else:
+                    self.err.write(f"run.sh: note: {run.warm_start} does not exist; {run.name} computes every "
+                                   "round itself\n")
+            run.clear_pause()                # one left behind by a job that was killed
+            if os.path.exists(run.log):
+                shutil.copyfile(run.log, run.log + ".previous")
+            log = open(run.log, "wb")
             self.start_order.append(run)
+        with log:
+            run.process = subprocess.Popen(run.argv + ["--workers", str(run.workers)], stdout=log,
+                                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                           preexec_fn=default_sigint)
 
     def start_what_fits(self):
         busy = sum(run.workers for run in self.runs if run.process and run.status is None)
