@@ -11,11 +11,11 @@ and logs that never interleave.
   and none waits for another at the end of each round, as workers of one run would (a run's
   results are identical whatever its --workers, so this changes no number). A run started when
   no other run is waiting gets every free core as --workers (the last runs of a job).
-- When no waiting run can start and a core is free, the running run with the most time left (at least
-  --min_widen_seconds at its pace so far) is widened: it stops after the round in progress with
-  its checkpoint (a file PAUSE_FILE in its run directory asks for that; it exits PAUSED_EXIT) and
-  continues from it with the free cores added as --workers. Its numbers are those of one run
-  with any --workers; its log says where it continued.
+- When no waiting run can start and a core is free, the running run with the most time left
+  (at least --min_widen_seconds at its pace so far) is widened: it stops after the round in
+  progress with its checkpoint (a file PAUSE_FILE in its run directory asks for that; it exits
+  PAUSED_EXIT) and continues from it with the free cores added as --workers. Its numbers are
+  those of one run with any --workers; its log says where it continued.
 - A run with --after waits until that run has finished, then starts before the runs still
   waiting: the warm-started FedHUG, the longest run of the default job, waits for FedAvg.
   --warm_start PATH adds --load_path PATH when the file exists by then (FedAvg's checkpoint
@@ -238,8 +238,9 @@ class Job:
             busy += run.workers
 
     def widen(self):
-        """No waiting run ready to start and a core free: ask the running run with the most time left (at least
-        min_widen_seconds) to pause after its round; poll() then starts it again with the free cores."""
+        """No waiting run ready to start and a core free: ask the running run with the most time
+        left (at least min_widen_seconds) to pause after its round; poll() then starts it again
+        with the free cores."""
         running = [run for run in self.runs if run.process and run.status is None]
         if self.ready() or any(run.pausing for run in running) or sum(run.workers for run in running) >= self.cores:
             return

@@ -297,7 +297,8 @@ def pausable_fedavg_then_fedhug(tmp_path, fedavg_rounds):
     script = tmp_path / "pausable_run.py"
     script.write_text(PAUSABLE_RUN.replace("PAUSE_FILE", jobs.PAUSE_FILE).replace("PAUSED_EXIT", str(jobs.PAUSED_EXIT)))
     job_file = tmp_path / "job.jsonl"
-    for name, rounds, options in (("fedavg_seed0", fedavg_rounds, []), ("fedhug_seed0", 3, ["--after", "fedavg_seed0"])):
+    for name, rounds, options in (("fedavg_seed0", fedavg_rounds, []),
+                                  ("fedhug_seed0", 3, ["--after", "fedavg_seed0"])):
         assert jobs.main(["add", str(job_file), "--name", name, "--log", str(tmp_path / f"{name}.log"),
                           "--run_dir", str(tmp_path / "runs" / name), "--units", str(rounds), *options, "--",
                           sys.executable, str(script), name, str(tmp_path / "runs" / name), str(rounds)]) == 0
@@ -330,7 +331,8 @@ def test_a_run_with_little_left_is_not_widened(tmp_path):
     """A restart costs seconds: below --min_widen_seconds left the run keeps its one core."""
     runs = pausable_fedavg_then_fedhug(tmp_path, 4)
     assert jobs.Job(runs, 2, out=io.StringIO(), min_widen_seconds=5).run() == 0
-    assert [json.loads(line) for line in open(tmp_path / "runs" / "fedavg_seed0" / "starts.jsonl")] == [["--workers", "1"]]
+    starts = tmp_path / "runs" / "fedavg_seed0" / "starts.jsonl"
+    assert [json.loads(line) for line in open(starts)] == [["--workers", "1"]]
 
 
 def test_job_bar_time_left_weighs_each_run_by_its_own_seconds_a_round(tmp_path):
