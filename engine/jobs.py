@@ -70,27 +70,27 @@ class Run:
         self.workers = 0
         self.printed = None         # bytes of the log already on stdout (None: not even its header)
         self.printed_whole = False
-        self.final_rounds = None    # rounds_done once the run has ended (its file no longer changes)
+        self.final_records = None   # own_records once the run has ended (its file no longer changes)
         self.pausing = False        # asked to stop after its round, to continue with more workers
         self.continuing = False     # stopped so: its next start continues from its checkpoint
 
     def own_records(self):
-        """The records of metrics.jsonl this run computed (a warm start's copied ones are not its own)."""
+        """The lines of metrics.jsonl this run computed (a warm start's copied ones are not its
+        own); read until the run has ended, then remembered."""
+        if self.final_records is not None:
+            return self.final_records
         try:
             with open(os.path.join(self.run_dir, "metrics.jsonl")) as f:
-                return [line for line in f if line.strip() and '"warm_start_from"' not in line]
+                records = [line for line in f if line.strip() and '"warm_start_from"' not in line]
         except OSError:
-            return []
+            records = []
+        if self.status is not None:
+            self.final_records = records
+        return records
 
     def rounds_done(self):
-        """Rounds this run has computed (a warm start's copied records are not its own); read
-        from its metrics.jsonl until the run has ended, then remembered."""
-        if self.final_rounds is not None:
-            return self.final_rounds
-        own = min(len(self.own_records()), self.units)
-        if self.status is not None:
-            self.final_rounds = own
-        return own
+        """Rounds this run has computed."""
+        return min(len(self.own_records()), self.units)
 
     def round_seconds(self):
         """The seconds of each round it computed, from metrics.jsonl."""
