@@ -123,16 +123,24 @@ FAKE_RUN = """
 import json, os, sys, time
 name, run_dir, rounds, seconds, code = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
 os.makedirs(run_dir, exist_ok=True)
+with open(os.path.join(run_dir, "starts.jsonl"), "a") as f:
+    f.write(json.dumps(sys.argv[6:]) + "\\n")
+metrics = os.path.join(run_dir, "metrics.jsonl")
+done = sum(1 for _ in open(metrics)) if "--resume" in sys.argv and os.path.exists(metrics) else 0
 started = time.time()
-for r in range(rounds):
+for r in range(done, rounds):
     time.sleep(seconds / max(rounds, 1))
     print(f"{name} round {r} ünïcode", flush=True)
-    with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps({"round": r}) + "\\n")
+    with open(metrics, "a") as f:
+        f.write(json.dumps({"round": r, "seconds": seconds / max(rounds, 1)}) + "\\n")
+    if r < rounds - 1 and os.path.exists(os.path.join(run_dir, PAUSE_FILE)):     # as engine/loop.py
+        os.remove(os.path.join(run_dir, PAUSE_FILE))
+        print(f"paused after round {r}", flush=True)
+        sys.exit(PAUSED_EXIT)
 with open(os.path.join(run_dir, "seen.json"), "w") as f:
     json.dump({"argv": sys.argv[6:], "started": started, "ended": time.time()}, f)
 sys.exit(code)
-"""
+""".replace("PAUSE_FILE", repr(jobs.PAUSE_FILE)).replace("PAUSED_EXIT", str(jobs.PAUSED_EXIT))
 
 
 def add_fake_run(tmp_path, name, rounds, seconds, code=0, **options):
@@ -148,10 +156,10 @@ def add_fake_run(tmp_path, name, rounds, seconds, code=0, **options):
     return run_dir
 
 
-def run_job(tmp_path, cores, err=None):
+def run_job(tmp_path, cores, err=None, **options):
     runs = [jobs.Run(json.loads(line)) for line in open(tmp_path / "job.jsonl")]
     out = io.StringIO()
-    status = jobs.Job(runs, cores, out=out, err=err or io.StringIO()).run()
+    status = jobs.Job(runs, cores, out=out, err=err or io.StringIO(), **options).run()
     return status, out.getvalue()
 
 
@@ -272,56 +280,22 @@ def test_ctrl_c_reaches_every_run_once_and_the_job_exits_130(tmp_path):
     assert "Traceback" not in err
 
 
-PAUSABLE_RUN = """
-import json, os, sys, time
-name, run_dir, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-os.makedirs(run_dir, exist_ok=True)
-with open(os.path.join(run_dir, "starts.jsonl"), "a") as f:
-    f.write(json.dumps(sys.argv[4:]) + "\\n")
-metrics = os.path.join(run_dir, "metrics.jsonl")
-done = sum(1 for _ in open(metrics)) if "--resume" in sys.argv and os.path.exists(metrics) else 0
-for r in range(done, rounds):
-    time.sleep(0.2)
-    print(f"{name} round {r}", flush=True)
-    with open(metrics, "a") as f:
-        f.write(json.dumps({"round": r, "seconds": 0.2}) + "\\n")
-    if r < rounds - 1 and os.path.exists(os.path.join(run_dir, "PAUSE_FILE")):
-        os.remove(os.path.join(run_dir, "PAUSE_FILE"))
-        print(f"paused after round {r}", flush=True)
-        sys.exit(PAUSED_EXIT)
-"""
-
-
-def pausable_fedavg_then_fedhug(tmp_path, fedavg_rounds):
-    """The Runs of a job: FedAvg of `fedavg_rounds` PAUSABLE_RUN rounds, then FedHUG (3) after it."""
-    script = tmp_path / "pausable_run.py"
-    script.write_text(PAUSABLE_RUN.replace("PAUSE_FILE", jobs.PAUSE_FILE).replace("PAUSED_EXIT", str(jobs.PAUSED_EXIT)))
-    job_file = tmp_path / "job.jsonl"
-    for name, rounds, options in (("fedavg_seed0", fedavg_rounds, []),
-                                  ("fedhug_seed0", 3, ["--after", "fedavg_seed0"])):
-        assert jobs.main(["add", str(job_file), "--name", name, "--log", str(tmp_path / f"{name}.log"),
-                          "--run_dir", str(tmp_path / "runs" / name), "--units", str(rounds), *options, "--",
-                          sys.executable, str(script), name, str(tmp_path / "runs" / name), str(rounds)]) == 0
-    return [jobs.Run(json.loads(line)) for line in open(job_file)]
-
-
 def test_a_core_left_free_widens_the_running_run_which_continues_from_its_checkpoint(tmp_path):
     """FedHUG waits for FedAvg, so one core would idle while FedAvg runs: FedAvg is asked to
     pause after a round (engine.loop: the pause file) and continues from its checkpoint with
     both cores; its log shows every round once, in order, and where it continued."""
-    runs = pausable_fedavg_then_fedhug(tmp_path, 12)
-    out = io.StringIO()
-    assert jobs.Job(runs, 2, out=out, min_widen_seconds=0.5).run() == 0
+    fedavg = add_fake_run(tmp_path, "fedavg_seed0", 12, 2.4)
+    fedhug = add_fake_run(tmp_path, "fedhug_seed0", 3, 0.6, after="fedavg_seed0")
+    status, out = run_job(tmp_path, cores=2, min_widen_seconds=0.5)
+    assert status == 0
 
-    fedavg, fedhug = tmp_path / "runs" / "fedavg_seed0", tmp_path / "runs" / "fedhug_seed0"
     starts = [json.loads(line) for line in open(fedavg / "starts.jsonl")]
     assert starts == [["--workers", "1"], ["--resume", str(fedavg), "--no_replay", "--workers", "2"]]
     assert [json.loads(line)["round"] for line in open(fedavg / "metrics.jsonl")] == list(range(12))
     assert [json.loads(line) for line in open(fedhug / "starts.jsonl")] == [["--workers", "2"]]
     assert not (fedavg / jobs.PAUSE_FILE).exists()
-    block = out.getvalue().split("run.sh: === fedhug_seed0")[0]
-    rounds = [int(line.rsplit(" ", 1)[1]) for line in block.splitlines() if line.startswith("fedavg_seed0 round")]
-    assert rounds == list(range(12))
+    block = out.split("run.sh: === fedhug_seed0")[0]
+    assert re.findall(r"^fedavg_seed0 round (\d+) ", block, flags=re.M) == [str(r) for r in range(12)]
     paused_at = int(re.search(r"paused after round (\d+)", block).group(1))
     assert block.splitlines().index("run.sh: === fedavg_seed0 continues from its checkpoint with 2 workers ===") \
         == block.splitlines().index(f"paused after round {paused_at}") + 1
@@ -329,10 +303,10 @@ def test_a_core_left_free_widens_the_running_run_which_continues_from_its_checkp
 
 def test_a_run_with_little_left_is_not_widened(tmp_path):
     """A restart costs seconds: below --min_widen_seconds left the run keeps its one core."""
-    runs = pausable_fedavg_then_fedhug(tmp_path, 4)
-    assert jobs.Job(runs, 2, out=io.StringIO(), min_widen_seconds=5).run() == 0
-    starts = tmp_path / "runs" / "fedavg_seed0" / "starts.jsonl"
-    assert [json.loads(line) for line in open(starts)] == [["--workers", "1"]]
+    fedavg = add_fake_run(tmp_path, "fedavg_seed0", 4, 0.8)
+    add_fake_run(tmp_path, "fedhug_seed0", 3, 0.6, after="fedavg_seed0")
+    assert run_job(tmp_path, cores=2, min_widen_seconds=5)[0] == 0
+    assert [json.loads(line) for line in open(fedavg / "starts.jsonl")] == [["--workers", "1"]]
 
 
 def test_job_bar_time_left_weighs_each_run_by_its_own_seconds_a_round(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 import engine
 from conftest import ROOT, assert_same_tensors, run_script
+from engine.jobs import PAUSE_FILE, PAUSED_EXIT
 from fedavg import FedAvg
 
 TINY = ["--n_parties", "4", "--num_local_iterations", "8", "--comm_round", "4", "--beta", "0.5",
@@ -195,7 +196,6 @@ def test_a_paused_run_continued_with_two_workers_equals_the_uninterrupted_one(tm
     after the round in progress with exit PAUSED_EXIT and its checkpoint, removes the file, and
     --resume with --workers 2 ends exactly as the serial run that never stopped (--no_replay:
     printing only the lines after the kept ones, as run.sh's log of it holds those already)."""
-    from engine.jobs import PAUSE_FILE, PAUSED_EXIT
     flags = TINY + ALGORITHMS[script]
     whole = run_script(script, *flags, logdir=tmp_path, name="whole")
     assert whole.returncode == 0, whole.stderr
@@ -220,7 +220,6 @@ def test_a_paused_run_continued_with_two_workers_equals_the_uninterrupted_one(tm
 
 def test_a_pause_file_left_at_the_last_round_does_not_stop_the_run(tmp_path):
     """The last round has nothing to continue: the run ends as usual, its final line written."""
-    from engine.jobs import PAUSE_FILE
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / PAUSE_FILE).touch()
     result = run_script("fedavg.py", "--n_parties", "2", "--num_local_iterations", "2", "--comm_round", "1",
