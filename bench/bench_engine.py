@@ -1,11 +1,13 @@
 """One FedAvg round (10 clients x 100 iterations, batch 64, Fashion-MNIST) three ways, in one process:
 
   reference-style  per-client DataLoader over per-sample PIL RandomCrop/Flip/ToTensor/Normalize,
-                   one nn.Module (deepcopy) per client, PyTorch's max pooling, sequential (as the
-                   published code does);
+                   one nn.Module (deepcopy) per client, PyTorch's max pooling and convolution
+                   backward, sequential (as the published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
-                   batches, models.MaxPool2x2), then FedAvg.server_update;
+                   batches, models.MaxPool2x2, kernels.FastBackwardConv2d), then FedAvg.server_update;
+  engine, oneDNN conv backward   the same with PyTorch's own backward for conv1 (kernels.disabled():
+                   the same numbers; what the C kernels save);
   floor            bare forward/backward/step of the same batches, already in memory.
 
 Prints medians over --repeats and ratios against the reference-style round, for each thread
@@ -31,6 +33,7 @@ from engine import ServerContext  # noqa: E402
 from engine.executors import SerialExecutor, build_client_side  # noqa: E402
 from engine.loop import algorithm_parser  # noqa: E402
 from fedavg import FedAvg  # noqa: E402
+import kernels  # noqa: E402
 from models import plain_pooling  # noqa: E402
 from utils import parse_args  # noqa: E402
 
@@ -139,17 +142,20 @@ def main(argv=None):
 
     print(f"one FedAvg round: {args.n_parties} clients x {options.iterations} iterations x batch "
           f"{args.batch_size}, Fashion-MNIST, medians of {options.repeats}")
-    print(f"{'threads':>7} {'variant':<16} {'seconds':>8} {'vs reference':>13} {'vs floor':>9}")
+    print(f"{'threads':>7} {'variant':<29} {'seconds':>8} {'vs reference':>13} {'vs floor':>9}")
     for threads in options.threads:
         torch.set_num_threads(threads)
         engine_round(algorithm, executor, server_state, 0)          # warm-up
-        with plain_pooling():               # the published code pools with nn.MaxPool2d
+        with plain_pooling(), kernels.disabled():     # the published code: nn.MaxPool2d, oneDNN's backward
             reference = timed(lambda: reference_round(data, global_model, options.iterations, args.batch_size),
                               options.repeats)
         engine = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
+        with kernels.disabled():
+            engine_onednn = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
         floor = timed(lambda: floor_round(copy.deepcopy(global_model), batches), options.repeats)
-        for name, seconds in [("reference-style", reference), ("engine", engine), ("floor", floor)]:
-            print(f"{threads:>7} {name:<16} {seconds:8.2f} {reference / seconds:12.2f}x {seconds / floor:8.2f}x")
+        for name, seconds in [("reference-style", reference), ("engine", engine),
+                              ("engine, oneDNN conv backward", engine_onednn), ("floor", floor)]:
+            print(f"{threads:>7} {name:<29} {seconds:8.2f} {reference / seconds:12.2f}x {seconds / floor:8.2f}x")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,14 @@
 
     reference-style  as the published code runs it: the teacher's and student's parameters keep
                      requires_grad during synthesis (every backward also computes weight
-                     gradients), PyTorch's own max pooling (nn.MaxPool2d), and the synthetic set
+                     gradients), PyTorch's own max pooling (nn.MaxPool2d) and convolution
+                     backward (oneDNN), and the synthetic set
                      is served by a torch DataLoader with 4 worker processes, a fresh iterator
                      (and fresh workers) every pass
-    this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2
-                     (the same numbers, faster on CPU), the synthetic set as in-memory tensors
+    this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2 and
+                     kernels.FastBackwardConv2d (the same numbers, faster on CPU), the synthetic
+                     set as in-memory tensors
+    this, oneDNN conv backward   the same with PyTorch's backward for conv1 (kernels.disabled())
     this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default)
 
 Every client starts from the initial weights as its last model (drift 0), so each synthesises
@@ -33,6 +36,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
 import cvdataset
+import kernels
 import synthesis
 from engine.executors import build_client_side, run_client
 from engine.loop import algorithm_parser, initial_weights
@@ -245,13 +249,18 @@ def main(argv=None):
                               data.num_classes, data.image_shape, cpu)
 
     warm_up(args.model, data.image_shape, data.num_classes, b.budget)
-    variants = [("reference-style", ReferenceStyleFedHUG, args), ("this", FedHUG, args)]
+    variants = [("reference-style", ReferenceStyleFedHUG, args), ("this", FedHUG, args),
+                ("this, oneDNN conv backward", FedHUG, args)]
     if not b.no_bf16:
         variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args))
     rows = {}
     for name, cls, arguments in variants:
         algorithm, client_data = build_client_side(cls, arguments, weights, cpu, dataset=data)
-        with plain_pooling() if cls is ReferenceStyleFedHUG else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            if cls is ReferenceStyleFedHUG:
+                stack.enter_context(plain_pooling())
+            if cls is ReferenceStyleFedHUG or "oneDNN" in name:       # PyTorch's own conv backward
+                stack.enter_context(kernels.disabled())
             rows[name] = timed_round(algorithm, client_data, weights[args.model], b.clients)
         total, synth, sizes, _ = rows[name]
         print(f"{name}: round {total:.2f} s (synthesis {synth:.2f} s)", file=sys.stderr, flush=True)

@@ -345,15 +345,16 @@ class Run:
             for round_index in range(self.start_round, a.comm_round):
                 self.run_round(round_index, show)
                 bar.round_done(round_index)
-                if round_index in a.snapshot_rounds:
+                snapshot = round_index in a.snapshot_rounds
+                due = a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
+                                              or round_index == a.comm_round - 1)
+                pause = round_index < a.comm_round - 1 and os.path.exists(self.dir.file(PAUSE_FILE))
+                if snapshot or due or pause:  # one checkpoint a round at most
                     self.checkpoint(round_index)
+                if snapshot:
                     shutil.copyfile(self.dir.file("checkpoint.pt"), self.dir.file(".snapshot.tmp"))
                     os.replace(self.dir.file(".snapshot.tmp"), self.dir.file(f"checkpoint_round{round_index}.pt"))
-                elif a.checkpoint_every and ((round_index + 1) % a.checkpoint_every == 0
-                                             or round_index == a.comm_round - 1):
-                    self.checkpoint(round_index)
-                if round_index < a.comm_round - 1 and os.path.exists(self.dir.file(PAUSE_FILE)):
-                    self.checkpoint(round_index)
+                if pause:
                     os.remove(self.dir.file(PAUSE_FILE))
                     raise RunPaused(f"paused after round {round_index}; continue with --resume {self.dir.path}")
             if a.eval == "local" and (not self.dir.records or self.dir.records[-1]["round"] < a.comm_round):
