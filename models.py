@@ -41,15 +41,15 @@ Algorithm.head_prefix gives "head." for each), `features(x)` = base(x) (after a 
         HtFLlib's names in hcnns8 are kept: there same-named entries can differ in shape
         (base.fc1.1.weight is [512, 4608] in hcnn-c1, [512, 1024] in hcnn-c2).
 
-Every model's first convolution on one-channel images is a kernels.FastBackwardConv2d: an
-nn.Conv2d with the same parameters and numbers whose backward runs faster on CPUs (kernels.py).
+Every model's first convolution (on one-channel images) is a kernels.FastConv2d: an nn.Conv2d
+with the same parameters and numbers, computed faster on CPUs (kernels.py).
 """
 import contextlib
 
 import torch
 from torch import nn
 
-from kernels import FastBackwardConv2d
+from kernels import FastConv2d
 from utils import UsageError
 
 
@@ -130,7 +130,7 @@ class SimpleCNNBase(nn.Module):
 
     def __init__(self, in_channels, flat_dim):
         super().__init__()
-        self.conv1 = FastBackwardConv2d(in_channels, 6, 5)    # nn.Conv2d, same numbers, faster backward
+        self.conv1 = FastConv2d(in_channels, 6, 5)    # nn.Conv2d: the same numbers, faster on CPUs
         self.conv2 = nn.Conv2d(6, 16, 5)
         self.pool = MaxPool2x2()
         self.fc1 = nn.Linear(flat_dim, 120)
@@ -200,7 +200,7 @@ class FedAvgCNN(BaseHeadSplit):
 
     def __init__(self, in_channels, flat_dim, num_classes, dim=512):
         base = nn.Sequential()
-        base.add_module("conv1", nn.Sequential(FastBackwardConv2d(in_channels, 32, 5), nn.ReLU(), MaxPool2x2()))
+        base.add_module("conv1", nn.Sequential(FastConv2d(in_channels, 32, 5), nn.ReLU(), MaxPool2x2()))
         base.add_module("conv2", nn.Sequential(nn.Conv2d(32, 64, 5), nn.ReLU(), MaxPool2x2()))
         base.add_module("flatten", nn.Flatten())
         base.add_module("fc1", nn.Sequential(nn.Linear(flat_dim, dim), nn.ReLU()))
@@ -290,7 +290,7 @@ class HtFLCNNBase(nn.Module):
         super().__init__()
         channels, side, blocks = in_channels, image_size, []
         for out_channels in (32, 64)[:num_cov]:
-            conv = nn.Conv2d if blocks else FastBackwardConv2d       # the first: a faster backward
+            conv = nn.Conv2d if blocks else FastConv2d       # the first: faster on CPUs
             blocks.append(nn.Sequential(conv(channels, out_channels, 5), nn.ReLU(), MaxPool2x2()))
             channels, side = out_channels, (side - 4) // 2
         self.conv = nn.Sequential(*blocks)
@@ -314,12 +314,12 @@ def light_base(kind, feature_dim=84):
     so same-named entries across the group are the head alone."""
     relu = nn.ReLU
     layers = {
-        "lenet": [("conv1", FastBackwardConv2d(1, 6, 5)), ("relu1", relu()), ("pool1", MaxPool2x2()),
+        "lenet": [("conv1", FastConv2d(1, 6, 5)), ("relu1", relu()), ("pool1", MaxPool2x2()),
                   ("conv2", nn.Conv2d(6, 16, 5)), ("relu2", relu()), ("pool2", MaxPool2x2()), ("flatten", nn.Flatten()),
                   ("fc1", nn.Linear(256, 120)), ("relu3", relu()), ("fc2", nn.Linear(120, feature_dim))],
         "mlp": [("flatten", nn.Flatten()), ("mlp1", nn.Linear(784, 56)), ("relu1", relu()),
                 ("mlp2", nn.Linear(56, feature_dim))],
-        "conv1": [("wide_conv", FastBackwardConv2d(1, 10, 5)), ("relu1", relu()), ("pool1", nn.MaxPool2d(4)),
+        "conv1": [("wide_conv", FastConv2d(1, 10, 5)), ("relu1", relu()), ("pool1", nn.MaxPool2d(4)),
                   ("flatten", nn.Flatten()), ("wide_fc", nn.Linear(360, feature_dim))],
         "conv3": [("small_conv1", nn.Conv2d(1, 8, 3, padding=1)), ("relu1", relu()), ("pool1", MaxPool2x2()),
                   ("small_conv2", nn.Conv2d(8, 16, 3, padding=1)), ("relu2", relu()), ("pool2", MaxPool2x2()),
@@ -487,7 +487,7 @@ MODEL_GROUPS["inco-resnets"] = list(INCO_RESNETS)
 class HyperFLCNNBase(nn.Module):
     def __init__(self, in_channels=1, image_size=28, feature_dim=128):
         super().__init__()
-        self.conv1 = FastBackwardConv2d(in_channels, 16, 5)
+        self.conv1 = FastConv2d(in_channels, 16, 5)
         self.conv2 = nn.Conv2d(16, 32, 5, padding=1)
         self.pool = MaxPool2x2()
         side = ((image_size - 4) // 2 - 2) // 2           # 28 -> 24 -> 12 -> 10 -> 5

@@ -5,7 +5,7 @@
                    backward, sequential (as the published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
-                   batches, models.MaxPool2x2, kernels.FastBackwardConv2d), then FedAvg.server_update;
+                   batches, models.MaxPool2x2, kernels.FastConv2d), then FedAvg.server_update;
   engine, oneDNN conv backward   the same with PyTorch's own backward for conv1 (kernels.disabled():
                    the same numbers; what the C kernels save);
   floor            bare forward/backward/step of the same batches, already in memory.

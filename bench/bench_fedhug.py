@@ -7,7 +7,7 @@
                      is served by a torch DataLoader with 4 worker processes, a fresh iterator
                      (and fresh workers) every pass
     this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2 and
-                     kernels.FastBackwardConv2d (the same numbers, faster on CPU), the synthetic
+                     kernels.FastConv2d (the same numbers, faster on CPU), the synthetic
                      set as in-memory tensors
     this, oneDNN conv backward   the same with PyTorch's backward for conv1 (kernels.disabled())
     this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default)

@@ -1,4 +1,4 @@
-"""kernels.py: the C chains against their formula, and FastBackwardConv2d against nn.Conv2d, bit for
+"""kernels.py: the C chains against their formulas, and FastConv2d against nn.Conv2d, bit for
 bit (on a CPU whose oneDNN sums in another order it must fall back, so the equalities hold on every
 machine)."""
 import copy
@@ -15,9 +15,9 @@ import synthesis
 needs_c = pytest.mark.skipif(kernels.library() is None, reason="no C compiler: kernels.py falls back to oneDNN")
 
 
-def fma_chain(pairs):
-    """float32 acc = fma(a, b, acc) over the pairs in order, from 0 (a * b exact in float64)."""
-    acc = np.float32(0)
+def fma_chain(pairs, start=0.0):
+    """float32 acc = fma(a, b, acc) over the pairs in order, from `start` (a * b exact in float64)."""
+    acc = np.float32(start)
     for a, b in pairs:
         acc = np.float32(np.float64(a) * np.float64(b) + np.float64(acc))
     return acc
@@ -46,6 +46,21 @@ def test_weight_and_bias_gradients_are_the_documented_chains():
                 expected = fma_chain((x[b, 0, y + i, x_ + j].item(), grad[b, o, y, x_].item()) for b, y, x_ in order)
                 assert dw[o, 0, i, j].item() == expected
         assert db[o].item() == fma_chain((grad[b, o, y, x_].item(), 1.0) for b, y, x_ in order)
+
+
+@needs_c
+def test_output_is_the_documented_chain():
+    x, weight, _ = tiny(3, size=10, out_channels=4)     # rows of 8 outputs, 4 channels: a tile
+    bias = torch.randn(4, generator=torch.Generator().manual_seed(8))
+    out = kernels.c_forward(x, weight, bias)
+    if out is None:
+        pytest.skip("this CPU has no AVX2 and FMA: kernels.py falls back to oneDNN")
+    for b in range(2):
+        for o in range(4):
+            for y in range(8):
+                for x_ in range(8):
+                    pairs = [(x[b, 0, y + i, x_ + j].item(), weight[o, 0, i, j].item()) for i in range(3) for j in range(3)]
+                    assert out[b, o, y, x_].item() == fma_chain(pairs, start=bias[o].item())
 
 
 @needs_c
@@ -79,17 +94,18 @@ def gradients(conv_class, x, seed, create_graph=False):
 def test_fast_backward_conv_equals_nn_conv2d(shape):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     for _ in range(2):       # the first call of a shape checks against oneDNN, the second uses the verdict
-        assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastBackwardConv2d, x, 3),
+        assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3),
                                                      gradients(torch.nn.Conv2d, x, 3)))
-    assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastBackwardConv2d, x, 3, create_graph=True),
+    assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3, create_graph=True),
                                                  gradients(torch.nn.Conv2d, x, 3, create_graph=True)))
 
 
 @needs_c
 def test_the_c_code_is_used_where_it_agrees_with_onednn():
     x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    gradients(kernels.FastBackwardConv2d, x, 5)
-    verdict = kernels._agrees[((5, 1, 28, 28), (6, 1, 5, 5), (True, True, True), torch.get_num_threads())]
+    gradients(kernels.FastConv2d, x, 5)
+    verdict = kernels._agrees[("backward", (5, 1, 28, 28), (6, 1, 5, 5), (True, True, True), torch.get_num_threads())]
+    verdict = verdict and kernels._agrees[("forward", (5, 1, 28, 28), (6, 1, 5, 5), torch.get_num_threads())]
     c_result = kernels.c_weight_grad(torch.ones(5, 6, 24, 24), x, torch.ones(6, 1, 5, 5))
     # where the C code runs (AVX2 and FMA) on a one-thread oneDNN AVX2 kernel, they must agree
     if c_result is not None and torch.get_num_threads() == 1 and torch.backends.cpu.get_cpu_capability() == "AVX2":
@@ -100,8 +116,8 @@ def test_the_c_code_is_used_where_it_agrees_with_onednn():
 def test_training_and_inversion_equal_the_plain_backward(name):
     torch.manual_seed(6)
     model = models.build_model(name, 10)
-    assert isinstance(model.base.conv1, kernels.FastBackwardConv2d) or isinstance(model.base.conv1[0],
-                                                                                  kernels.FastBackwardConv2d)
+    assert isinstance(model.base.conv1, kernels.FastConv2d) or isinstance(model.base.conv1[0],
+                                                                                  kernels.FastConv2d)
     images, labels = torch.randn(32, 1, 28, 28), torch.randint(0, 10, (32,))
 
     def train(net):
@@ -125,3 +141,13 @@ def test_training_and_inversion_equal_the_plain_backward(name):
     assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), plain.state_dict().values()))
     assert torch.equal(fast_inputs, plain_inputs)
     assert not torch.equal(fast_inputs, invert(fast, fast))     # the comparison can tell models apart
+
+
+def test_without_a_c_compiler_it_is_nn_conv2d(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "COMPILE", ["no-such-compiler"])
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.library() is None
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(9))
+    assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3),
+                                                 gradients(torch.nn.Conv2d, x, 3)))
