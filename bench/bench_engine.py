@@ -6,7 +6,7 @@
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
                    batches, models.MaxPool2x2, kernels.FastConv2d), then FedAvg.server_update;
-  engine, oneDNN conv backward   the same with PyTorch's own backward for conv1 (kernels.disabled():
+  engine, oneDNN conv  the same with PyTorch's own first convolution (kernels.disabled():
                    the same numbers; what the C kernels save);
   floor            bare forward/backward/step of the same batches, already in memory.
 
@@ -154,7 +154,7 @@ def main(argv=None):
             engine_onednn = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
         floor = timed(lambda: floor_round(copy.deepcopy(global_model), batches), options.repeats)
         for name, seconds in [("reference-style", reference), ("engine", engine),
-                              ("engine, oneDNN conv backward", engine_onednn), ("floor", floor)]:
+                              ("engine, oneDNN conv", engine_onednn), ("floor", floor)]:
             print(f"{threads:>7} {name:<29} {seconds:8.2f} {reference / seconds:12.2f}x {seconds / floor:8.2f}x")
 
 

@@ -9,7 +9,7 @@
     this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2 and
                      kernels.FastConv2d (the same numbers, faster on CPU), the synthetic
                      set as in-memory tensors
-    this, oneDNN conv backward   the same with PyTorch's backward for conv1 (kernels.disabled())
+    this, oneDNN conv  the same with PyTorch's own first convolution (kernels.disabled())
     this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default)
 
 Every client starts from the initial weights as its last model (drift 0), so each synthesises
@@ -250,7 +250,7 @@ def main(argv=None):
 
     warm_up(args.model, data.image_shape, data.num_classes, b.budget)
     variants = [("reference-style", ReferenceStyleFedHUG, args), ("this", FedHUG, args),
-                ("this, oneDNN conv backward", FedHUG, args)]
+                ("this, oneDNN conv", FedHUG, args)]
     if not b.no_bf16:
         variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args))
     rows = {}
