@@ -151,3 +151,12 @@ def test_without_a_c_compiler_it_is_nn_conv2d(monkeypatch, tmp_path):
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(9))
     assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3),
                                                  gradients(torch.nn.Conv2d, x, 3)))
+
+
+def test_a_fresh_cache_compiles_the_c_code(monkeypatch, tmp_path):
+    if kernels.library() is None:
+        pytest.skip("no C compiler: kernels.py falls back to oneDNN")
+    monkeypatch.setattr(kernels, "_library", None)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels.library() is not None
+    assert [p.suffix for p in (tmp_path / "fl-suite-kernels").iterdir()] == [".so"]    # no temporary left behind
