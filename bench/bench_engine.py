@@ -1,8 +1,8 @@
 """One FedAvg round (10 clients x 100 iterations, batch 64, Fashion-MNIST) three ways, in one process:
 
   reference-style  per-client DataLoader over per-sample PIL RandomCrop/Flip/ToTensor/Normalize,
-                   one nn.Module (deepcopy) per client, PyTorch's max pooling and convolution
-                   backward, sequential (as the published code does);
+                   one nn.Module (deepcopy) per client, PyTorch's max pooling and first
+                   convolution, sequential (as the published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
                    batches, models.MaxPool2x2, kernels.FastConv2d), then FedAvg.server_update;
@@ -146,7 +146,7 @@ def main(argv=None):
     for threads in options.threads:
         torch.set_num_threads(threads)
         engine_round(algorithm, executor, server_state, 0)          # warm-up
-        with plain_pooling(), kernels.disabled():     # the published code: nn.MaxPool2d, oneDNN's backward
+        with plain_pooling(), kernels.disabled():     # the published code: nn.MaxPool2d, oneDNN's conv
             reference = timed(lambda: reference_round(data, global_model, options.iterations, args.batch_size),
                               options.repeats)
         engine = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)

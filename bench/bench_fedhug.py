@@ -2,8 +2,8 @@
 
     reference-style  as the published code runs it: the teacher's and student's parameters keep
                      requires_grad during synthesis (every backward also computes weight
-                     gradients), PyTorch's own max pooling (nn.MaxPool2d) and convolution
-                     backward (oneDNN), and the synthetic set
+                     gradients), PyTorch's own max pooling (nn.MaxPool2d) and first
+                     convolution (oneDNN), and the synthetic set
                      is served by a torch DataLoader with 4 worker processes, a fresh iterator
                      (and fresh workers) every pass
     this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2 and
@@ -249,17 +249,18 @@ def main(argv=None):
                               data.num_classes, data.image_shape, cpu)
 
     warm_up(args.model, data.image_shape, data.num_classes, b.budget)
-    variants = [("reference-style", ReferenceStyleFedHUG, args), ("this", FedHUG, args),
-                ("this, oneDNN conv", FedHUG, args)]
+    # (name, class, flags, whether the first convolution is PyTorch's own instead of kernels.py's)
+    variants = [("reference-style", ReferenceStyleFedHUG, args, True), ("this", FedHUG, args, False),
+                ("this, oneDNN conv", FedHUG, args, True)]
     if not b.no_bf16:
-        variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args))
+        variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args, False))
     rows = {}
-    for name, cls, arguments in variants:
+    for name, cls, arguments, plain_conv in variants:
         algorithm, client_data = build_client_side(cls, arguments, weights, cpu, dataset=data)
         with contextlib.ExitStack() as stack:
             if cls is ReferenceStyleFedHUG:
                 stack.enter_context(plain_pooling())
-            if cls is ReferenceStyleFedHUG or "oneDNN" in name:       # PyTorch's own conv backward
+            if plain_conv:
                 stack.enter_context(kernels.disabled())
             rows[name] = timed_round(algorithm, client_data, weights[args.model], b.clients)
         total, synth, sizes, _ = rows[name]
