@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+import kernels
 from utils import UsageError
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -279,14 +280,38 @@ def normalise(images_uint8, mean, std):
     return x.sub_(mean_t).div_(std_t)
 
 
-def augment_batch(images_uint8, mean, std, generator, padding=4):
-    """Random crop with `padding` zero pixels then random horizontal flip, then normalise:
-    torchvision's RandomCrop(size, padding=4) + RandomHorizontalFlip + Normalize, done on a
-    whole batch at once. Randomness comes from the CPU `generator` only."""
-    b, c, h, w = images_uint8.shape
+_normalisation_tables = {}
+
+
+def normalisation_table(mean, std, channels):
+    """normalise() of every pixel value 0..255, per channel: [channels, 256], computed by normalise
+    itself, so that looking a pixel up gives the same number."""
+    key = (tuple(mean), tuple(std), channels)
+    if key not in _normalisation_tables:
+        values = torch.arange(256, dtype=torch.uint8).view(1, 1, 1, 256).expand(1, channels, 1, 256).contiguous()
+        _normalisation_tables[key] = normalise(values, mean, std).view(channels, 256).contiguous()
+    return _normalisation_tables[key]
+
+
+def augment_batch(images_uint8, mean, std, generator, padding=4, index=None):
+    """Random crop with `padding` zero pixels then random horizontal flip, then normalise, of
+    images_uint8[index] (default: all of them): torchvision's RandomCrop(size, padding=4) +
+    RandomHorizontalFlip + Normalize, done on a whole batch at once. Randomness comes from the CPU
+    `generator` only. On the CPU one pass of C does it (kernels.crop_flip_normalise, the same
+    numbers); elsewhere PyTorch."""
+    b = len(images_uint8) if index is None else len(index)
+    c, h, w = images_uint8.shape[1:]
     device = images_uint8.device
     offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator).to(device)
     flips = (torch.rand(b, generator=generator) < 0.5).to(device)
+    if device.type == "cpu":
+        chosen = torch.arange(b) if index is None else index
+        out = kernels.crop_flip_normalise(images_uint8, chosen, offsets, flips, normalisation_table(mean, std, c),
+                                          padding)
+        if out is not None:
+            return out
+    if index is not None:
+        images_uint8 = images_uint8[index]
     padded = torch.nn.functional.pad(images_uint8, (padding,) * 4)
     padded_width = w + 2 * padding
     rows = offsets[0].view(b, 1) + torch.arange(h, device=device).view(1, h)
@@ -308,7 +333,8 @@ class ShuffledBatches:
         self.drop_last = drop_last
         self.order, self.position = None, 0
 
-    def next(self):
+    def next_index(self):
+        """The positions of the next batch's samples."""
         n = len(self.tensors[0])
         end_of_pass = n if not self.drop_last or n < self.batch_size else n - self.batch_size + 1
         if self.order is None or self.position >= end_of_pass:
@@ -316,6 +342,10 @@ class ShuffledBatches:
             self.position = 0
         index = self.order[self.position: self.position + self.batch_size]
         self.position += self.batch_size
+        return index
+
+    def next(self):
+        index = self.next_index()
         return tuple(t[index] for t in self.tensors)
 
 
@@ -328,10 +358,11 @@ class BatchStream(ShuffledBatches):
         self.mean, self.std, self.augment = mean, std, augment
 
     def next(self):
-        images, labels = super().next()
+        images, labels = self.tensors
+        index = self.next_index()
         if self.augment:
-            return augment_batch(images, self.mean, self.std, self.generator), labels
-        return normalise(images, self.mean, self.std), labels
+            return augment_batch(images, self.mean, self.std, self.generator, index=index), labels[index]
+        return normalise(images[index], self.mean, self.std), labels[index]
 
 
 # ----------------------------------------------------------------------------- partitions

@@ -47,16 +47,19 @@ C_SOURCE = r"""
    AVX2 kernels do; -ffp-contract=off keeps the compiler from fusing anything else. */
 #include <stdlib.h>
 #include <string.h>
+#define INLINE static inline __attribute__((always_inline))
+/* Loads a value into a register once: without it GCC folds the load into each FMA that uses it,
+   and the loads, not the FMAs, then bound the loop. */
+#define KEEP_IN_REGISTER(v) __asm__("" : "+x"(v))
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define INLINE static inline __attribute__((always_inline))
 
 /* out[n][o][y][x] = chain from b[o] over (i, j, c); a tile of OT output channels x R rows x V
    vectors of 8 pixels, each lane its own chain. */
 INLINE void forward_tile(const float *in, const float *w, const float *b, float *out, int C, int H, int W,
                          int O, int K, int n, int o0, int y0, const int OT, const int R, const int V) {
     const int OH = H - K + 1, OW = W - K + 1;
-    __m256 acc[4][2][4];
+    __m256 acc[4][3][4];
     for (int t = 0; t < OT; t++)
         for (int r = 0; r < R; r++)
             for (int v = 0; v < V; v++) acc[t][r][v] = _mm256_set1_ps(b[o0 + t]);
@@ -64,11 +67,26 @@ INLINE void forward_tile(const float *in, const float *w, const float *b, float 
         for (int j = 0; j < K; j++)
             for (int c = 0; c < C; c++) {
                 const float *src = in + (((size_t)n * C + c) * H + y0 + i) * W + j;
-                __m256 wv[4];
+                if (R * V <= 3) {       /* the inputs in registers, one weight at a time (16 registers) */
+                    __m256 p[3];
+                    for (int r = 0; r < R; r++)
+                        for (int v = 0; v < V; v++) {
+                            p[r * V + v] = _mm256_loadu_ps(src + r * W + 8 * v);
+                            KEEP_IN_REGISTER(p[r * V + v]);
+                        }
+                    for (int t = 0; t < OT; t++) {
+                        const __m256 wv = _mm256_broadcast_ss(w + (((size_t)(o0 + t) * C + c) * K + i) * K + j);
+                        for (int r = 0; r < R; r++)
+                            for (int v = 0; v < V; v++) acc[t][r][v] = _mm256_fmadd_ps(p[r * V + v], wv, acc[t][r][v]);
+                    }
+                    continue;
+                }
+                __m256 wv[4];           /* the weights in registers, one input vector at a time */
                 for (int t = 0; t < OT; t++) wv[t] = _mm256_broadcast_ss(w + (((size_t)(o0 + t) * C + c) * K + i) * K + j);
                 for (int r = 0; r < R; r++)
                     for (int v = 0; v < V; v++) {
-                        const __m256 p = _mm256_loadu_ps(src + r * W + 8 * v);
+                        __m256 p = _mm256_loadu_ps(src + r * W + 8 * v);
+                        KEEP_IN_REGISTER(p);
                         for (int t = 0; t < OT; t++) acc[t][r][v] = _mm256_fmadd_ps(p, wv[t], acc[t][r][v]);
                     }
             }
@@ -86,10 +104,29 @@ INLINE void forward_all(const float *in, const float *w, const float *b, float *
             for (int y = 0; y < OH; y += 2) forward_tile(in, w, b, out, C, H, W, O, K, n, o, y, OT, 2, V);
 }
 
+/* Several input channels, rows of 8 outputs: tiles of 4 output channels x 3 rows (12 chains in
+   registers), the last rows 2 or 1 at a time. */
+static void forward_rows_of_8(const float *in, const float *w, const float *b, float *out, int N, int C, int H,
+                              int W, int O, int K) {
+    const int OH = H - K + 1;
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < O; o += 4) {
+            int y = 0;
+            for (; y + 3 <= OH; y += 3) forward_tile(in, w, b, out, C, H, W, O, K, n, o, y, 4, 3, 1);
+            for (; y + 2 <= OH; y += 2) forward_tile(in, w, b, out, C, H, W, O, K, n, o, y, 4, 2, 1);
+            for (; y < OH; y++) forward_tile(in, w, b, out, C, H, W, O, K, n, o, y, 4, 1, 1);
+        }
+}
+
 int conv_forward(const float *in, const float *w, const float *b, float *out, int N, int C, int H, int W, int O,
                  int K) {
     const int OH = H - K + 1, OW = W - K + 1;
-    if (C != 1 || OH % 2) return 2;
+    if (C > 1) {
+        if (OW != 8 || O % 4) return 2;
+        forward_rows_of_8(in, w, b, out, N, C, H, W, O, K);
+        return 0;
+    }
+    if (OH % 2) return 2;
     if (OW == 24 && O % 2 == 0) forward_all(in, w, b, out, N, C, H, W, O, K, 2, 3);
     else if (OW == 8 && O % 4 == 0) forward_all(in, w, b, out, N, C, H, W, O, K, 4, 1);
     else return 2;
@@ -118,7 +155,8 @@ INLINE void weight_grad_lanes_j(const float *in, const float *g, float *acc, flo
                 for (int x = 0; x < OW; x++) {
                     const __m256 v0 = _mm256_broadcast_ss(g0 + x), v1 = _mm256_broadcast_ss(g1 + x);
                     for (int i = 0; i < K; i++) {
-                        const __m256 p = _mm256_loadu_ps(row + i * W + x);
+                        __m256 p = _mm256_loadu_ps(row + i * W + x);
+                        KEEP_IN_REGISTER(p);
                         a0[i] = _mm256_fmadd_ps(p, v0, a0[i]);
                         a1[i] = _mm256_fmadd_ps(p, v1, a1[i]);
                     }
@@ -154,9 +192,164 @@ static int weight_grad_one_channel(const float *in, const float *g, float *dw, f
     return 0;
 }
 
+/* Several input channels, output channels in lanes (O a multiple of 8): dw[o][c][i][j] a chain
+   from 0 over (n, y, x) of fma(in[n][c][y+i][x+j], g[n][o][y][x]), db[o] a chain from 0 over
+   (n, y, x) of + g. The output gradient is first transposed to gt[n][y][x][o], so 8 consecutive
+   output channels are one load. Registers hold K x 2 vectors of chains (one c, one i, all j, 16
+   output channels) through the whole (n, y, x) sequence. */
+/* A block of 8 rows of 8 floats (row k at src + k * src_r) transposed: column k to dst + k * dst_c. */
+INLINE void transpose8x8(const float *src, size_t src_r, float *dst, size_t dst_c) {
+    __m256 r[8], t[8], u[8];
+    for (int k = 0; k < 8; k++) r[k] = _mm256_loadu_ps(src + k * src_r);
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = _mm256_unpacklo_ps(r[k], r[k + 1]);
+        t[k + 1] = _mm256_unpackhi_ps(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+        u[k] = _mm256_shuffle_ps(t[k], t[k + 2], 0x44);
+        u[k + 1] = _mm256_shuffle_ps(t[k], t[k + 2], 0xEE);
+        u[k + 2] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0x44);
+        u[k + 3] = _mm256_shuffle_ps(t[k + 1], t[k + 3], 0xEE);
+    }
+    for (int k = 0; k < 4; k++) {
+        _mm256_storeu_ps(dst + k * dst_c, _mm256_permute2f128_ps(u[k], u[k + 4], 0x20));
+        _mm256_storeu_ps(dst + (k + 4) * dst_c, _mm256_permute2f128_ps(u[k], u[k + 4], 0x31));
+    }
+}
+
+/* dst[r + c * dst_c] = src[r * src_r + c] for r < rows, c < cols: a strided transposition, 8 x 8
+   at a time (the edges element by element). */
+static void transpose(const float *src, float *dst, int rows, int cols, size_t src_r, size_t dst_c) {
+    for (int r0 = 0; r0 < rows; r0 += 8)
+        for (int c0 = 0; c0 < cols; c0 += 8) {
+            if (r0 + 8 <= rows && c0 + 8 <= cols) {
+                transpose8x8(src + r0 * src_r + c0, src_r, dst + c0 * dst_c + r0, dst_c);
+                continue;
+            }
+            for (int c = c0; c < cols && c < c0 + 8; c++)
+                for (int r = r0; r < rows && r < r0 + 8; r++) dst[r + c * dst_c] = src[r * src_r + c];
+        }
+}
+
+#define ACC_J(J) __m256 lo##J = _mm256_setzero_ps(), hi##J = _mm256_setzero_ps();
+#define FMA_J(J) { const __m256 p = _mm256_broadcast_ss(row + x + J);                                               \
+                   lo##J = _mm256_fmadd_ps(p, g0, lo##J); hi##J = _mm256_fmadd_ps(p, g1, hi##J); }
+#define STORE_J(J) { _mm256_storeu_ps(lanes[J], lo##J); _mm256_storeu_ps(lanes[J] + 8, hi##J); }
+/* Named accumulators (lo/hi: output channels o0..o0+7, o0+8..o0+15 of dw[.][c][i][J]): an array
+   indexed in loops made GCC store them to memory on every step. */
+#define WEIGHT_GRAD_O_LANES_BLOCK(K, FOR_J)                                                                          \
+static void weight_grad_o_lanes_block_##K(const float *in, const float *gt, float *dw, int N, int C, int H, int W,  \
+                                          int O, int c, int i, int o0) {                                            \
+    const int OH = H - K + 1, OW = W - K + 1;                                                                        \
+    FOR_J(ACC_J)                                                                                                     \
+    for (int n = 0; n < N; n++)                                                                                      \
+        for (int y = 0; y < OH; y++) {                                                                               \
+            const float *row = in + (((size_t)n * C + c) * H + y + i) * W;                                           \
+            const float *gy = gt + (((size_t)n * OH + y) * OW) * O + o0;                                             \
+            for (int x = 0; x < OW; x++) {                                                                           \
+                const __m256 g0 = _mm256_loadu_ps(gy + (size_t)x * O), g1 = _mm256_loadu_ps(gy + (size_t)x * O + 8); \
+                FOR_J(FMA_J)                                                                                         \
+            }                                                                                                        \
+        }                                                                                                            \
+    float lanes[K][16];                                                                                              \
+    FOR_J(STORE_J)                                                                                                   \
+    for (int j = 0; j < K; j++)                                                                                      \
+        for (int o = 0; o < 16; o++) dw[(((size_t)(o0 + o) * C + c) * K + i) * K + j] = lanes[j][o];                \
+}
+#define FOR_J5(M) M(0) M(1) M(2) M(3) M(4)
+#define FOR_J3(M) M(0) M(1) M(2)
+WEIGHT_GRAD_O_LANES_BLOCK(5, FOR_J5)
+WEIGHT_GRAD_O_LANES_BLOCK(3, FOR_J3)
+
+static int weight_grad_o_lanes(const float *in, const float *g, float *dw, float *db, int N, int C, int H, int W,
+                               int O, int K) {
+    const int OH = H - K + 1, OW = W - K + 1;
+    const size_t positions = (size_t)N * OH * OW;
+    float *gt = malloc(positions * O * sizeof(float));
+    if (!gt) return 1;
+    for (int n = 0; n < N; n++)       /* per sample: rows o, columns p -> rows p, columns o */
+        transpose(g + (size_t)n * O * OH * OW, gt + (size_t)n * OH * OW * O, O, OH * OW, OH * OW, O);
+    for (int o0 = 0; o0 < O; o0 += 8) {
+        __m256 bias = _mm256_setzero_ps();
+        for (size_t p = 0; p < positions; p++) bias = _mm256_add_ps(bias, _mm256_loadu_ps(gt + p * O + o0));
+        _mm256_storeu_ps(db + o0, bias);
+    }
+    for (int o0 = 0; o0 < O; o0 += 16)
+        for (int c = 0; c < C; c++)
+            for (int i = 0; i < K; i++) {
+                if (K == 5) weight_grad_o_lanes_block_5(in, gt, dw, N, C, H, W, O, c, i, o0);
+                else weight_grad_o_lanes_block_3(in, gt, dw, N, C, H, W, O, c, i, o0);
+            }
+    free(gt);
+    return 0;
+}
+
+/* Several input channels, samples in lanes: di[n][c][h][w] a chain from 0 over (output-channel
+   block of 8, i, j, o in the block), valid (h-i, w-j) only, of fma(W[o][c][i][j], g[n][o][h-i][w-j]).
+   The output gradient is transposed to gn[y][x][o][n] (n padded to a multiple of 8 with zeros),
+   so 8 samples are one load; a register tile holds CB input channels x NB groups of 8 samples
+   for one pixel (h, w); the result, di[c][h][w][n], is transposed back. */
+INLINE void input_grad_n_lanes_tile(const float *gn, const float *w, float *dn, int NP, int C, int H, int W, int O,
+                                    int K, int h, int x, int c0, int n0, const int CB, const int NB) {
+    const int OH = H - K + 1, OW = W - K + 1;
+    const int i_lo = h - OH + 1 > 0 ? h - OH + 1 : 0, i_hi = h < K - 1 ? h : K - 1;
+    const int j_lo = x - OW + 1 > 0 ? x - OW + 1 : 0, j_hi = x < K - 1 ? x : K - 1;
+    __m256 acc[6][2];
+    for (int c = 0; c < CB; c++)
+        for (int b = 0; b < NB; b++) acc[c][b] = _mm256_setzero_ps();
+    for (int block = 0; block < O; block += 8)
+        for (int i = i_lo; i <= i_hi; i++)
+            for (int j = j_lo; j <= j_hi; j++)
+                for (int o = block; o < O && o < block + 8; o++) {
+                    const float *gp = gn + ((((size_t)h - i) * OW + x - j) * O + o) * NP + n0;
+                    __m256 gv[2];
+                    for (int b = 0; b < NB; b++) gv[b] = _mm256_loadu_ps(gp + 8 * b);
+                    for (int c = 0; c < CB; c++) {
+                        const __m256 wv = _mm256_broadcast_ss(w + (((size_t)o * C + c0 + c) * K + i) * K + j);
+                        for (int b = 0; b < NB; b++) acc[c][b] = _mm256_fmadd_ps(wv, gv[b], acc[c][b]);
+                    }
+                }
+    for (int c = 0; c < CB; c++)
+        for (int b = 0; b < NB; b++) _mm256_storeu_ps(dn + (((size_t)(c0 + c) * H + h) * W + x) * NP + n0 + 8 * b, acc[c][b]);
+}
+
+#define INPUT_GRAD_TILE(CB, NB) input_grad_n_lanes_tile(gn, w, dn, NP, C, H, W, O, K, h, x, c0, n0, CB, NB)
+static int input_grad_n_lanes(const float *g, const float *w, float *di, int N, int C, int H, int W, int O, int K) {
+    const int OH = H - K + 1, OW = W - K + 1, NP = (N + 7) / 8 * 8;
+    float *gn = calloc((size_t)O * OH * OW * NP, sizeof(float));
+    float *dn = malloc((size_t)C * H * W * NP * sizeof(float));
+    if (!gn || !dn) { free(gn); free(dn); return 1; }
+    for (int o = 0; o < O; o++)       /* per output channel: rows n, columns p -> gn[p][o][n] */
+        transpose(g + (size_t)o * OH * OW, gn + (size_t)o * NP, N, OH * OW, (size_t)O * OH * OW, (size_t)O * NP);
+    for (int h = 0; h < H; h++)
+        for (int x = 0; x < W; x++)
+            for (int c0 = 0; c0 < C; c0 += 6)
+                for (int n0 = 0; n0 < NP; n0 += 16) {
+                    const int cb = C - c0 < 6 ? C - c0 : 6, nb = NP - n0 < 16 ? 1 : 2;
+                    if (nb == 2) {
+                        switch (cb) {
+                            case 6: INPUT_GRAD_TILE(6, 2); break;   case 5: INPUT_GRAD_TILE(5, 2); break;
+                            case 4: INPUT_GRAD_TILE(4, 2); break;   case 3: INPUT_GRAD_TILE(3, 2); break;
+                            case 2: INPUT_GRAD_TILE(2, 2); break;   default: INPUT_GRAD_TILE(1, 2);
+                        }
+                    } else {
+                        switch (cb) {
+                            case 6: INPUT_GRAD_TILE(6, 1); break;   case 5: INPUT_GRAD_TILE(5, 1); break;
+                            case 4: INPUT_GRAD_TILE(4, 1); break;   case 3: INPUT_GRAD_TILE(3, 1); break;
+                            case 2: INPUT_GRAD_TILE(2, 1); break;   default: INPUT_GRAD_TILE(1, 1);
+                        }
+                    }
+                }
+    for (int c = 0; c < C; c++)       /* per input channel: rows p, columns n -> di[n][c][p] */
+        transpose(dn + (size_t)c * H * W * NP, di + (size_t)c * H * W, H * W, N, NP, (size_t)C * H * W);
+    free(gn); free(dn);
+    return 0;
+}
+
 int conv_weight_grad(const float *in, const float *g, float *dw, float *db, int N, int C, int H, int W, int O, int K) {
-    if (C != 1 || (K != 5 && K != 3)) return 2;
-    return weight_grad_one_channel(in, g, dw, db, N, H, W, O, K);
+    if (K != 5 && K != 3) return 2;
+    if (C == 1) return weight_grad_one_channel(in, g, dw, db, N, H, W, O, K);
+    return O % 16 == 0 ? weight_grad_o_lanes(in, g, dw, db, N, C, H, W, O, K) : 2;
 }
 
 /* di[n][c][h][w] (rows of at most 8 V pixels): one chain a pixel over (output-channel block of
@@ -199,7 +392,8 @@ INLINE void input_grad_rows(const float *g, const float *wt, float *di, float *g
 }
 
 int conv_input_grad(const float *g, const float *wt, float *di, int N, int C, int H, int W, int O, int K) {
-    if (C != 1 || K > 8 || W > 32) return 2;
+    if (C != 1) return input_grad_n_lanes(g, wt, di, N, C, H, W, O, K);
+    if (K > 8 || W > 32) return 2;
     const int V = (W + 7) / 8, OH = H - K + 1;
     float *gp = malloc((size_t)O * (OH + 2 * (K - 1) + 1) * (8 * V + 2 * K + 8) * sizeof(float));
     if (!gp) return 1;
@@ -219,6 +413,130 @@ int conv_input_grad(const float *g, const float *wt, float *di, int N, int C, in
     return 2;
 }
 #endif
+
+/* ReLU then 2x2 max pooling (stride 2) over planes of H x W (H, W even), as PyTorch's relu and
+   max_pool2d compute them: relu(v) = v < 0 ? +0 : v (so -0 and NaN pass through); each window scans
+   a b / c d and the first maximum wins (a later value wins if greater, or if NaN); arg records the
+   winner (0-3). The gradient is PyTorch's max_pool2d backward (0 + g into the winner, zeros
+   elsewhere) followed by relu's threshold backward (0 where the relu output, the pooled value, is
+   <= 0). Pure selection, no rounding: the same bits on every CPU. Four windows at a time with SSE
+   (branch-free: random maxima defeat a branch predictor), one at a time on other CPUs. */
+#if defined(__SSE4_1__)
+#include <smmintrin.h>
+#define POOL_LANES 4
+INLINE __m128 relu4(__m128 v) { return _mm_andnot_ps(_mm_cmplt_ps(v, _mm_setzero_ps()), v); }
+
+INLINE void pool4(const float *upper, const float *lower, float *out, unsigned char *arg) {
+    const __m128 u0 = _mm_loadu_ps(upper), u1 = _mm_loadu_ps(upper + 4);
+    const __m128 l0 = _mm_loadu_ps(lower), l1 = _mm_loadu_ps(lower + 4);
+    const __m128 candidates[3] = {relu4(_mm_shuffle_ps(u0, u1, 0xDD)), relu4(_mm_shuffle_ps(l0, l1, 0x88)),
+                                  relu4(_mm_shuffle_ps(l0, l1, 0xDD))};
+    __m128 best = relu4(_mm_shuffle_ps(u0, u1, 0x88));
+    __m128i winner = _mm_setzero_si128();
+    for (int k = 0; k < 3; k++) {
+        const __m128 v = candidates[k];
+        const __m128 wins = _mm_or_ps(_mm_cmpgt_ps(v, best), _mm_cmpunord_ps(v, v));
+        best = _mm_blendv_ps(best, v, wins);
+        winner = _mm_blendv_epi8(winner, _mm_set1_epi32(k + 1), _mm_castps_si128(wins));
+    }
+    _mm_storeu_ps(out, best);
+    const int bytes = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packus_epi32(winner, winner), winner));
+    memcpy(arg, &bytes, 4);
+}
+
+INLINE void unpool4(const float *g, const float *out, const unsigned char *arg, float *upper, float *lower) {
+    int bytes;
+    memcpy(&bytes, arg, 4);
+    const __m128i winner = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
+    const __m128 value = _mm_andnot_ps(_mm_cmple_ps(_mm_loadu_ps(out), _mm_setzero_ps()),
+                                       _mm_add_ps(_mm_setzero_ps(), _mm_loadu_ps(g)));
+    __m128 at[4];
+    for (int k = 0; k < 4; k++) at[k] = _mm_and_ps(value, _mm_castsi128_ps(_mm_cmpeq_epi32(winner, _mm_set1_epi32(k))));
+    _mm_storeu_ps(upper, _mm_unpacklo_ps(at[0], at[1]));
+    _mm_storeu_ps(upper + 4, _mm_unpackhi_ps(at[0], at[1]));
+    _mm_storeu_ps(lower, _mm_unpacklo_ps(at[2], at[3]));
+    _mm_storeu_ps(lower + 4, _mm_unpackhi_ps(at[2], at[3]));
+}
+#else
+#define POOL_LANES 1
+#endif
+
+#define RELU(v) ((v) < 0.0f ? 0.0f : (v))
+static void pool1(const float *upper, const float *lower, float *out, unsigned char *arg) {
+    const float v[3] = {RELU(upper[1]), RELU(lower[0]), RELU(lower[1])};
+    float best = RELU(upper[0]);
+    unsigned char winner = 0;
+    for (int k = 0; k < 3; k++)
+        if (v[k] > best || v[k] != v[k]) { best = v[k]; winner = k + 1; }
+    *out = best;
+    *arg = winner;
+}
+
+static void unpool1(const float *g, const float *out, const unsigned char *arg, float *upper, float *lower) {
+    const float value = *out <= 0.0f ? 0.0f : 0.0f + *g;
+    upper[0] = *arg == 0 ? value : 0.0f;
+    upper[1] = *arg == 1 ? value : 0.0f;
+    lower[0] = *arg == 2 ? value : 0.0f;
+    lower[1] = *arg == 3 ? value : 0.0f;
+}
+
+int relu_max_pool_2x2(const float *x, float *out, unsigned char *arg, long planes, int H, int W) {
+    if (H % 2 || W % 2) return 2;
+    const int OH = H / 2, OW = W / 2;
+    for (long p = 0; p < planes; p++)
+        for (int y = 0; y < OH; y++) {
+            const float *upper = x + ((size_t)p * H + 2 * y) * W, *lower = upper + W;
+            const size_t at = ((size_t)p * OH + y) * OW;
+            int k = 0;
+#if POOL_LANES == 4
+            for (; k + 4 <= OW; k += 4) pool4(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);
+#endif
+            for (; k < OW; k++) pool1(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);
+        }
+    return 0;
+}
+
+int relu_max_pool_2x2_backward(const float *g, const float *out, const unsigned char *arg, float *gi, long planes,
+                               int H, int W) {
+    if (H % 2 || W % 2) return 2;
+    const int OH = H / 2, OW = W / 2;
+    for (long p = 0; p < planes; p++)
+        for (int y = 0; y < OH; y++) {
+            float *upper = gi + ((size_t)p * H + 2 * y) * W, *lower = upper + W;
+            const size_t at = ((size_t)p * OH + y) * OW;
+            int k = 0;
+#if POOL_LANES == 4
+            for (; k + 4 <= OW; k += 4) unpool4(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);
+#endif
+            for (; k < OW; k++) unpool1(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);
+        }
+    return 0;
+}
+
+/* Random crop (zero padding `pad`) and horizontal flip of images[index[b]] (uint8, B x C x H x W),
+   normalised by lookup: out[b][c][i][j] = table[c][pixel] with pixel = images[index[b]][c][r][x],
+   r = offsets[b] + i - pad, x = offsets[B + b] + (flips[b] ? W - 1 - j : j) - pad, 0 outside. */
+int crop_flip_normalise(const unsigned char *images, const long *index, const long *offsets,
+                        const unsigned char *flips, const float *table, float *out, int B, int C, int H, int W,
+                        int pad) {
+    for (int b = 0; b < B; b++) {
+        /* column j reads source column first + step * j; columns outside 0..W-1 are padding */
+        const long step = flips[b] ? -1 : 1, first = offsets[B + b] - pad + (flips[b] ? W - 1 : 0);
+        for (int c = 0; c < C; c++) {
+            const unsigned char *src = images + ((size_t)index[b] * C + c) * H * W;
+            const float *lookup = table + (size_t)c * 256;
+            float *dst = out + ((size_t)b * C + c) * H * W;
+            for (int i = 0; i < H; i++) {
+                const long r = offsets[b] + i - pad;
+                for (int j = 0; j < W; j++) {
+                    const long x = first + step * j;
+                    dst[i * W + j] = lookup[r >= 0 && r < H && x >= 0 && x < W ? src[r * W + x] : 0];
+                }
+            }
+        }
+    }
+    return 0;
+}
 """
 COMPILE = ["cc", "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared"]
 
@@ -257,6 +575,9 @@ def library():
             lib.conv_forward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
             lib.conv_weight_grad.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
             lib.conv_input_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
+            lib.relu_max_pool_2x2.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 2
+            lib.relu_max_pool_2x2_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 2
+            lib.crop_flip_normalise.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
             _library = lib
         except (OSError, subprocess.SubprocessError):
             _library = False
@@ -365,9 +686,82 @@ class FastConv2d(nn.Conv2d):
         return forward(x, self.weight, self.bias)
 
 
+# ------------------------------------------------------------------ ReLU then 2x2 max pooling
+def c_relu_max_pool(x):
+    """(pooled relu(x), winner 0-3 of each window as uint8) by the C code, or None."""
+    n, c, h, w = x.shape
+    out, winner = x.new_empty(n, c, h // 2, w // 2), torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8)
+    return (out, winner) if _call(library().relu_max_pool_2x2, x, out, winner, n * c, h, w) else None
+
+
+def c_relu_max_pool_backward(grad, out, winner, input_shape):
+    grad_input = grad.new_empty(input_shape)
+    n, c, h, w = input_shape
+    ok = _call(library().relu_max_pool_2x2_backward, grad, out, winner, grad_input, n * c, h, w)
+    return grad_input if ok else None
+
+
+def pytorch_relu_max_pool_backward(grad, x, winner):
+    """What autograd runs for F.max_pool2d(torch.relu(x), 2): PyTorch's max_pool2d backward with the
+    flat indices of the winners, then relu's threshold backward (differentiable in grad)."""
+    h, w = x.shape[2:]
+    origin = (torch.arange(0, h, 2).view(-1, 1) * w + torch.arange(0, w, 2).view(1, -1))
+    index = origin + (winner // 2).long() * w + (winner % 2).long()
+    relu_out = torch.relu(x)
+    grad_relu = torch.ops.aten.max_pool2d_with_indices_backward(grad, relu_out, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                                 False, index)
+    return torch.ops.aten.threshold_backward(grad_relu, relu_out, 0)
+
+
+class _ReLUMaxPool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        out, winner = c_relu_max_pool(x)
+        ctx.save_for_backward(x, out, winner)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, out, winner = ctx.saved_tensors
+        if torch.is_grad_enabled():     # a second derivative follows: PyTorch's differentiable ops
+            return pytorch_relu_max_pool_backward(grad, x, winner)
+        return c_relu_max_pool_backward(grad.contiguous(), out, winner, x.shape)
+
+
+def relu_max_pool_2x2(x):
+    """F.max_pool2d(torch.relu(x), 2) with the same outputs and gradients, in one pass of C on the
+    CPU (float32, 4-d contiguous, even height and width); None where it cannot (the caller then
+    runs PyTorch's)."""
+    if not (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.is_contiguous() and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and library()):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _ReLUMaxPool2x2.apply(x)
+    return c_relu_max_pool(x)[0]
+
+
+# ------------------------------------------------------------------ batch augmentation
+def crop_flip_normalise(images, index, offsets, flips, table, padding):
+    """cvdataset.augment_batch's crop, flip and normalisation of images[index] in one pass of C:
+    offsets [2, B] (int64: crop rows, columns in the padded image), flips [B] (bool), table
+    [C, 256] (the normalised value of every pixel value, computed by PyTorch). None where the C
+    code cannot run (the caller then computes it with PyTorch)."""
+    if not (_enabled and images.device.type == "cpu" and images.dtype == torch.uint8 and images.dim() == 4
+            and images.is_contiguous() and index.dtype == torch.int64 and index.device.type == "cpu"
+            and offsets.dtype == torch.int64 and offsets.device.type == "cpu" and flips.dtype == torch.bool
+            and flips.device.type == "cpu" and table.dtype == torch.float32 and library()):
+        return None
+    index, offsets, flips, table = index.contiguous(), offsets.contiguous(), flips.contiguous(), table.contiguous()
+    b, (c, h, w) = len(index), images.shape[1:]
+    out = torch.empty(b, c, h, w)
+    return out if _call(library().crop_flip_normalise, images, index, offsets, flips, table, out, b, c, h, w,
+                        padding) else None
+
+
 @contextlib.contextmanager
 def disabled():
-    """Within it, FastConv2d is nn.Conv2d (for benchmarks of plain code)."""
+    """Within it, FastConv2d is nn.Conv2d and the other functions here return None, so that their
+    callers run PyTorch's code (for benchmarks of plain code)."""
     global _enabled
     saved, _enabled = _enabled, False
     try:

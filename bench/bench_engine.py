@@ -5,8 +5,9 @@
                    convolution, sequential (as the published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
-                   batches, models.MaxPool2x2, kernels.FastConv2d), then FedAvg.server_update;
-  engine, oneDNN conv  the same with PyTorch's own first convolution (kernels.disabled():
+                   batches, the C code of kernels.py for the convolutions, ReLU + max pooling and
+                   the augmentation), then FedAvg.server_update;
+  engine, no C kernels  the same with PyTorch computing what the C code does (kernels.disabled():
                    the same numbers; what the C kernels save);
   floor            bare forward/backward/step of the same batches, already in memory.
 
@@ -146,15 +147,15 @@ def main(argv=None):
     for threads in options.threads:
         torch.set_num_threads(threads)
         engine_round(algorithm, executor, server_state, 0)          # warm-up
-        with plain_pooling(), kernels.disabled():     # the published code: nn.MaxPool2d, oneDNN's conv
+        with plain_pooling(), kernels.disabled():     # the published code: nn.MaxPool2d, oneDNN's convs
             reference = timed(lambda: reference_round(data, global_model, options.iterations, args.batch_size),
                               options.repeats)
         engine = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
         with kernels.disabled():
-            engine_onednn = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
+            engine_without_c = timed(lambda: engine_round(algorithm, executor, server_state, 0), options.repeats)
         floor = timed(lambda: floor_round(copy.deepcopy(global_model), batches), options.repeats)
         for name, seconds in [("reference-style", reference), ("engine", engine),
-                              ("engine, oneDNN conv", engine_onednn), ("floor", floor)]:
+                              ("engine, no C kernels", engine_without_c), ("floor", floor)]:
             print(f"{threads:>7} {name:<29} {seconds:8.2f} {reference / seconds:12.2f}x {seconds / floor:8.2f}x")
 
 

@@ -6,10 +6,11 @@
                      convolution (oneDNN), and the synthetic set
                      is served by a torch DataLoader with 4 worker processes, a fresh iterator
                      (and fresh workers) every pass
-    this             fedhug.py: gradients for the synthesised inputs only, models.MaxPool2x2 and
-                     kernels.FastConv2d (the same numbers, faster on CPU), the synthetic
-                     set as in-memory tensors
-    this, oneDNN conv  the same with PyTorch's own first convolution (kernels.disabled())
+    this             fedhug.py: gradients for the synthesised inputs only, the C code of
+                     kernels.py (convolutions, ReLU + max pooling: the same numbers, faster on
+                     CPU), the synthetic set as in-memory tensors
+    this, no C kernels  the same with PyTorch's convolutions, ReLU and models.MaxPool2x2
+                     (kernels.disabled())
     this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default)
 
 Every client starts from the initial weights as its last model (drift 0), so each synthesises
@@ -249,18 +250,18 @@ def main(argv=None):
                               data.num_classes, data.image_shape, cpu)
 
     warm_up(args.model, data.image_shape, data.num_classes, b.budget)
-    # (name, class, flags, whether the first convolution is PyTorch's own instead of kernels.py's)
+    # (name, class, flags, whether PyTorch computes what kernels.py's C code would)
     variants = [("reference-style", ReferenceStyleFedHUG, args, True), ("this", FedHUG, args, False),
-                ("this, oneDNN conv", FedHUG, args, True)]
+                ("this, no C kernels", FedHUG, args, True)]
     if not b.no_bf16:
         variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args, False))
     rows = {}
-    for name, cls, arguments, plain_conv in variants:
+    for name, cls, arguments, without_c in variants:
         algorithm, client_data = build_client_side(cls, arguments, weights, cpu, dataset=data)
         with contextlib.ExitStack() as stack:
             if cls is ReferenceStyleFedHUG:
                 stack.enter_context(plain_pooling())
-            if plain_conv:
+            if without_c:
                 stack.enter_context(kernels.disabled())
             rows[name] = timed_round(algorithm, client_data, weights[args.model], b.clients)
         total, synth, sizes, _ = rows[name]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import cvdataset
+import kernels
 from conftest import algorithm_args, run_script
 from models import build_model, count_parameters
 from utils import UsageError, setup_seed
@@ -508,6 +509,23 @@ def test_batch_augmentation_equals_pad_crop_flip_per_sample():
             crop = crop.flip(-1)
         expected = (crop - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
         assert torch.allclose(out[i], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("channels, padding", [(1, 4), (3, 2)])
+def test_augmentation_in_c_equals_pytorch_bit_for_bit(channels, padding):
+    """kernels.crop_flip_normalise (a table lookup of normalise's own numbers) against the PyTorch
+    code of augment_batch, on the samples an index picks (repeats included)."""
+    images = torch.randint(0, 256, (40, channels, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    mean, std = (0.2860, 0.1, 0.9)[:channels], (0.3530, 0.7, 0.3)[:channels]
+    index = torch.tensor([3, 39, 0, 3, 17, 8, 22, 5, 31, 11])
+    fast = cvdataset.augment_batch(images, mean, std, torch.Generator().manual_seed(5), padding, index=index)
+    with kernels.disabled():
+        plain = cvdataset.augment_batch(images, mean, std, torch.Generator().manual_seed(5), padding, index=index)
+        whole = cvdataset.augment_batch(images[index], mean, std, torch.Generator().manual_seed(5), padding)
+    assert torch.equal(fast.view(torch.int32), plain.view(torch.int32)) and torch.equal(plain, whole)
+    table = cvdataset.normalisation_table(mean, std, channels)
+    assert torch.equal(table[:, 7], cvdataset.normalise(torch.full((1, channels, 1, 1), 7, dtype=torch.uint8),
+                                                        mean, std).flatten())
 
 
 def test_batch_stream_visits_every_sample_once_per_pass():

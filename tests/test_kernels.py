@@ -79,9 +79,69 @@ def test_input_gradient_is_the_documented_chain():
                 assert di[b, 0, h, w].item() == fma_chain(pairs)
 
 
-def gradients(conv_class, x, seed, create_graph=False):
+def fma_chains(steps, start):
+    """Many float32 chains at once: acc = fma(a, b, acc) for each (a, b, valid) of `steps` in order,
+    elementwise over arrays (a * b exact in float64), only where `valid` (None: everywhere)."""
+    acc = np.asarray(start, dtype=np.float32)
+    for a, b, valid in steps:
+        step = (np.float64(a) * np.float64(b) + acc.astype(np.float64)).astype(np.float32)
+        acc = step if valid is None else np.where(valid, step, acc)
+    return acc
+
+
+def several_channels(seed, n=10, channels=3, size=10, k=3, out_channels=16):
+    """n = 10: not a multiple of the 8 samples the input-gradient chains hold in one vector."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, channels, size, size, generator=g).numpy(),
+            torch.randn(out_channels, channels, k, k, generator=g).numpy(),
+            torch.randn(n, out_channels, size - k + 1, size - k + 1, generator=g).numpy())
+
+
+@needs_c
+def test_several_channel_weight_and_bias_gradients_are_the_documented_chains():
+    x, weight, grad = several_channels(10)
+    n, out_channels, oh, ow = grad.shape
+    k = weight.shape[2]
+    dw, db = computed(kernels.c_weight_grad(*map(torch.from_numpy, (grad, x, weight))))
+    order = [(b, y, x_) for b in range(n) for y in range(oh) for x_ in range(ow)]
+    expected_dw = fma_chains(((x[b, None, :, y:y + k, x_:x_ + k], grad[b, :, y, x_, None, None, None], None)
+                              for b, y, x_ in order), np.zeros(weight.shape))
+    expected_db = fma_chains(((grad[b, :, y, x_], 1.0, None) for b, y, x_ in order), np.zeros(out_channels))
+    assert np.array_equal(dw.numpy(), expected_dw) and np.array_equal(db.numpy(), expected_db)
+
+
+@needs_c
+def test_several_channel_input_gradient_is_the_documented_chain():
+    x, weight, grad = several_channels(11)
+    n, channels, size, _ = x.shape
+    out_channels, _, k, _ = weight.shape
+    oh = grad.shape[2]
+    di = computed(kernels.c_input_grad(*map(torch.from_numpy, (grad, x, weight))))
+    padded = np.zeros((n, out_channels, oh + 2 * k, oh + 2 * k), dtype=np.float32)
+    padded[:, :, k:k + oh, k:k + oh] = grad                      # grad[.., h - i, w - j] = padded[.., k + h - i, ..]
+    h = np.arange(size).reshape(size, 1)
+    w = np.arange(size).reshape(1, size)
+    steps = ((weight[o, None, :, i, j, None, None], padded[:, o, None, k - i:k - i + size, k - j:k - j + size],
+              (h - i >= 0) & (h - i < oh) & (w - j >= 0) & (w - j < oh))
+             for block in range(0, out_channels, 8) for i in range(k) for j in range(k)
+             for o in range(block, block + 8))
+    assert np.array_equal(di.numpy(), fma_chains(steps, np.zeros(x.shape)))
+
+
+@needs_c
+def test_several_channel_output_is_the_documented_chain():
+    x, weight, _ = several_channels(12, n=2, out_channels=8)
+    k = weight.shape[2]
+    bias = torch.randn(8, generator=torch.Generator().manual_seed(13)).numpy()
+    out = computed(kernels.c_forward(*map(torch.from_numpy, (x, weight, bias))))
+    steps = ((x[:, None, c, i:i + 8, j:j + 8], weight[None, :, c, i, j, None, None], None)
+             for i in range(k) for j in range(k) for c in range(x.shape[1]))
+    assert np.array_equal(out.numpy(), fma_chains(steps, np.broadcast_to(bias[None, :, None, None], out.shape)))
+
+
+def gradients(conv_class, x, seed, create_graph=False, out_channels=6):
     torch.manual_seed(seed)
-    conv = conv_class(x.shape[1], 6, 5)
+    conv = conv_class(x.shape[1], out_channels, 5)
     x = x.clone().requires_grad_()
     loss = models.max_pool_2x2(torch.relu(conv(x))).square().sum()
     grads = torch.autograd.grad(loss, [x, conv.weight, conv.bias], create_graph=create_graph)
@@ -90,23 +150,27 @@ def gradients(conv_class, x, seed, create_graph=False):
     return grads
 
 
-@pytest.mark.parametrize("shape", [(64, 1, 28, 28), (7, 1, 27, 27), (4, 3, 32, 32)])
-def test_fast_backward_conv_equals_nn_conv2d(shape):
+@pytest.mark.parametrize("shape, out_channels", [((64, 1, 28, 28), 6), ((7, 1, 27, 27), 6), ((4, 3, 32, 32), 6),
+                                                 ((64, 6, 12, 12), 16), ((13, 6, 12, 12), 16)])
+def test_fast_conv_equals_nn_conv2d(shape, out_channels):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     for _ in range(2):       # the first call of a shape checks against oneDNN, the second uses the verdict
-        assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3),
-                                                     gradients(torch.nn.Conv2d, x, 3)))
-    assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3, create_graph=True),
-                                                 gradients(torch.nn.Conv2d, x, 3, create_graph=True)))
+        assert all(torch.equal(a, b) for a, b in zip(gradients(kernels.FastConv2d, x, 3, out_channels=out_channels),
+                                                     gradients(torch.nn.Conv2d, x, 3, out_channels=out_channels)))
+    assert all(torch.equal(a, b) for a, b in zip(
+        gradients(kernels.FastConv2d, x, 3, create_graph=True, out_channels=out_channels),
+        gradients(torch.nn.Conv2d, x, 3, create_graph=True, out_channels=out_channels)))
 
 
 @needs_c
-def test_the_c_code_is_used_where_it_agrees_with_onednn():
-    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(4))
-    gradients(kernels.FastConv2d, x, 5)
-    verdict = kernels._agrees[("backward", (5, 1, 28, 28), (6, 1, 5, 5), (True, True, True), torch.get_num_threads())]
-    verdict = verdict and kernels._agrees[("forward", (5, 1, 28, 28), (6, 1, 5, 5), torch.get_num_threads())]
-    c_result = kernels.c_weight_grad(torch.ones(5, 6, 24, 24), x, torch.ones(6, 1, 5, 5))
+@pytest.mark.parametrize("shape, out_channels", [((5, 1, 28, 28), 6), ((5, 6, 12, 12), 16)])   # SimpleCNN's
+def test_the_c_code_is_used_where_it_agrees_with_onednn(shape, out_channels):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    gradients(kernels.FastConv2d, x, 5, out_channels=out_channels)
+    weight_shape, threads = (out_channels, shape[1], 5, 5), torch.get_num_threads()
+    verdict = kernels._agrees[("backward", shape, weight_shape, (True, True, True), threads)]
+    verdict = verdict and kernels._agrees[("forward", shape, weight_shape, threads)]
+    c_result = kernels.c_weight_grad(torch.ones(5, 6, 24, 24), torch.ones(5, 1, 28, 28), torch.ones(6, 1, 5, 5))
     # where the C code runs (AVX2 and FMA) on a one-thread oneDNN AVX2 kernel, they must agree
     if c_result is not None and torch.get_num_threads() == 1 and torch.backends.cpu.get_cpu_capability() == "AVX2":
         assert verdict
