@@ -1,12 +1,13 @@
-"""A convolution on one-channel images (every model's first), with PyTorch's own numbers, faster on
-CPU.
+"""SimpleCNN's convolutions (and every model's first), ReLU + 2x2 max pooling and the batch
+augmentation in C, with PyTorch's own numbers, faster on CPU.
 
-oneDNN's AVX2 kernels pad a convolution's single input channel to a block of 8, so for
-SimpleCNN's conv(1->6, 5) on 28x28 images they spend most of their time on padding: forward and
-backward of that convolution were ~45 % of a FedAvg training step on a Zen 3 CPU, and its input
-gradient ~30 % of a FedHUG synthesis step. Each output is a plain sum whose order oneDNN fixes
-(measured on this project's CPUs, one thread; float32 FMAs, each rounded once, `acc = fma(a, b,
-acc)`), with g the output gradient of a stride-1 unpadded convolution:
+Convolutions. oneDNN's AVX2 kernels pad a convolution's single input channel to a block of 8, so
+for SimpleCNN's conv(1->6, 5) on 28x28 images they spend most of their time on padding: forward
+and backward of that convolution were ~45 % of a FedAvg training step on a Zen 3 CPU, and its
+input gradient ~30 % of a FedHUG synthesis step; conv(6->16, 5) was then the largest piece left.
+Each output is a plain sum whose order oneDNN fixes (measured on this project's CPUs, one thread;
+float32 FMAs, each rounded once, `acc = fma(a, b, acc)`), with g the output gradient of a
+stride-1 unpadded convolution:
 
     output           out[n, o, y, x] = chain from bias[o] over (i, j, c) of  fma(in[n, c, y+i, x+j], W[o, c, i, j])
     weight gradient  dW[o, c, i, j]  = chain from 0 over (n, y, x)       of  fma(in[n, c, y+i, x+j], g[n, o, y, x])
@@ -14,8 +15,10 @@ acc)`), with g the output gradient of a stride-1 unpadded convolution:
     input gradient   dI[n, c, h, w]  = chain from 0 over (output channels in blocks of 8, i, j, o in the block),
                                        valid (h-i, w-j) only, of  fma(W[o, c, i, j], g[n, o, h-i, w-j])
 
-A few lines of C compute those chains in the same order (vectorised across chains, never within
-one), so the results are the same bits, 2-7x faster on one thread.
+The C code computes those chains in the same order, vectorised across chains and never within
+one (one input channel: pixels or kernel columns in lanes; several: output channels in lanes for
+the weight gradient, samples in lanes for the input gradient, transposed in and out), so the
+results are the same bits, 1.5-7x faster on one thread.
 
 Guarded twice, so no number can change:
 - the C source is compiled once per machine with the system's C compiler (`cc`, about a second)
@@ -26,9 +29,14 @@ Guarded twice, so no number can change:
   in another order (AVX-512, several threads), the check fails once and oneDNN keeps the work.
 
 `FastConv2d` is an nn.Conv2d (same parameters, state-dict names and numbers) that does this on
-the CPU in float32; anything else (GPUs, autocast, second derivatives, several input channels,
-padding, strides) is nn.Conv2d's own. `disabled()` switches it off for a benchmark of the plain
-code; `FEDHUG_NATIVE_KERNELS=0` for a whole process.
+the CPU in float32; anything else (GPUs, autocast, second derivatives, padding, strides, shapes
+the C code does not cover) is nn.Conv2d's own.
+
+ReLU + 2x2 max pooling (`relu_max_pool_2x2`) and the augmentation (`crop_flip_normalise`) select
+and look up values, with no arithmetic of their own, so they give PyTorch's numbers on every CPU
+(ties, NaN and signed zeros follow PyTorch's rules; the normalisation is a table that PyTorch's
+normalise computed). `disabled()` switches all of it off for a benchmark of the plain code;
+`FEDHUG_NATIVE_KERNELS=0` for a whole process.
 """
 import contextlib
 import ctypes

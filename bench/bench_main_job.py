@@ -1,6 +1,6 @@
 """The main job, timed: `bash run.sh` (the seed's table at its setting) from start to table.
 
-    python bench/bench_main_job.py                       # bash run.sh's default profile: 30-45 minutes by CPU
+    python bench/bench_main_job.py                       # bash run.sh's default profile: 23 min on a 2-core Zen 3
     python bench/bench_main_job.py -- --seeds "0 1 2"    # anything after -- goes to run.sh
     python bench/bench_main_job.py --tiny                # seconds: the same pipeline, tiny (CI)
 
