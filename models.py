@@ -41,8 +41,10 @@ Algorithm.head_prefix gives "head." for each), `features(x)` = base(x) (after a 
         HtFLlib's names in hcnns8 are kept: there same-named entries can differ in shape
         (base.fc1.1.weight is [512, 4608] in hcnn-c1, [512, 1024] in hcnn-c2).
 
-Every model's first convolution (on one-channel images) is a kernels.FastConv2d: an nn.Conv2d
-with the same parameters and numbers, computed faster on CPUs (kernels.py).
+Every model's first convolution (on one-channel images) and SimpleCNN's second are
+kernels.FastConv2d: an nn.Conv2d with the same parameters and numbers, computed faster on CPUs
+(kernels.py). A ReLU followed by 2x2 max pooling is one ReLUMaxPool2x2 in SimpleCNN, FedAvgCNN and
+HtFLlib's CNNs (no parameters: the state-dict names are unchanged).
 """
 import contextlib
 
@@ -115,7 +117,7 @@ pooling = max_pool_2x2       # what MaxPool2x2 runs; plain_pooling() swaps in Py
 
 class ReLUMaxPool2x2(nn.Module):
     """nn.ReLU() then nn.MaxPool2d(2), same outputs and gradients; on CPUs one pass of C
-    (kernels.relu_max_pool_2x2: ~5x faster than the relu and MaxPool2x2 above, forward and
+    (kernels.relu_max_pool_2x2: 3-4x faster than the relu and MaxPool2x2 above, forward and
     backward), elsewhere and within plain_pooling() torch.relu then `pooling`."""
 
     def forward(self, x):
