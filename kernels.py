@@ -53,6 +53,7 @@ C_SOURCE = r"""
 /* Every function returns 0 when done, 1 when out of memory, 2 when this build (no AVX2 and FMA)
    or this shape is not supported: the caller then uses oneDNN. fma() rounds once, as oneDNN's
    AVX2 kernels do; -ffp-contract=off keeps the compiler from fusing anything else. */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #define INLINE static inline __attribute__((always_inline))
@@ -200,11 +201,6 @@ static int weight_grad_one_channel(const float *in, const float *g, float *dw, f
     return 0;
 }
 
-/* Several input channels, output channels in lanes (O a multiple of 8): dw[o][c][i][j] a chain
-   from 0 over (n, y, x) of fma(in[n][c][y+i][x+j], g[n][o][y][x]), db[o] a chain from 0 over
-   (n, y, x) of + g. The output gradient is first transposed to gt[n][y][x][o], so 8 consecutive
-   output channels are one load. Registers hold K x 2 vectors of chains (one c, one i, all j, 16
-   output channels) through the whole (n, y, x) sequence. */
 /* A block of 8 rows of 8 floats (row k at src + k * src_r) transposed: column k to dst + k * dst_c. */
 INLINE void transpose8x8(const float *src, size_t src_r, float *dst, size_t dst_c) {
     __m256 r[8], t[8], u[8];
@@ -239,6 +235,11 @@ static void transpose(const float *src, float *dst, int rows, int cols, size_t s
         }
 }
 
+/* Several input channels, output channels in lanes (O a multiple of 16): dw[o][c][i][j] a chain
+   from 0 over (n, y, x) of fma(in[n][c][y+i][x+j], g[n][o][y][x]), db[o] a chain from 0 over
+   (n, y, x) of + g. The output gradient is first transposed to gt[n][y][x][o], so 8 consecutive
+   output channels are one load. Registers hold K x 2 vectors of chains (one c, one i, all j, 16
+   output channels) through the whole (n, y, x) sequence. */
 #define ACC_J(J) __m256 lo##J = _mm256_setzero_ps(), hi##J = _mm256_setzero_ps();
 #define FMA_J(J) { const __m256 p = _mm256_broadcast_ss(row + x + J);                                               \
                    lo##J = _mm256_fmadd_ps(p, g0, lo##J); hi##J = _mm256_fmadd_ps(p, g1, hi##J); }
@@ -322,6 +323,13 @@ INLINE void input_grad_n_lanes_tile(const float *gn, const float *w, float *dn, 
 }
 
 #define INPUT_GRAD_TILE(CB, NB) input_grad_n_lanes_tile(gn, w, dn, NP, C, H, W, O, K, h, x, c0, n0, CB, NB)
+/* The tile for cb input channels (1-6) and NB groups of 8 samples, each size a compile-time constant. */
+#define INPUT_GRAD_TILES(NB)                                                                                         \
+    switch (cb) {                                                                                                    \
+        case 6: INPUT_GRAD_TILE(6, NB); break;   case 5: INPUT_GRAD_TILE(5, NB); break;                              \
+        case 4: INPUT_GRAD_TILE(4, NB); break;   case 3: INPUT_GRAD_TILE(3, NB); break;                              \
+        case 2: INPUT_GRAD_TILE(2, NB); break;   default: INPUT_GRAD_TILE(1, NB);                                    \
+    }
 static int input_grad_n_lanes(const float *g, const float *w, float *di, int N, int C, int H, int W, int O, int K) {
     const int OH = H - K + 1, OW = W - K + 1, NP = (N + 7) / 8 * 8;
     float *gn = calloc((size_t)O * OH * OW * NP, sizeof(float));
@@ -333,20 +341,8 @@ static int input_grad_n_lanes(const float *g, const float *w, float *di, int N, 
         for (int x = 0; x < W; x++)
             for (int c0 = 0; c0 < C; c0 += 6)
                 for (int n0 = 0; n0 < NP; n0 += 16) {
-                    const int cb = C - c0 < 6 ? C - c0 : 6, nb = NP - n0 < 16 ? 1 : 2;
-                    if (nb == 2) {
-                        switch (cb) {
-                            case 6: INPUT_GRAD_TILE(6, 2); break;   case 5: INPUT_GRAD_TILE(5, 2); break;
-                            case 4: INPUT_GRAD_TILE(4, 2); break;   case 3: INPUT_GRAD_TILE(3, 2); break;
-                            case 2: INPUT_GRAD_TILE(2, 2); break;   default: INPUT_GRAD_TILE(1, 2);
-                        }
-                    } else {
-                        switch (cb) {
-                            case 6: INPUT_GRAD_TILE(6, 1); break;   case 5: INPUT_GRAD_TILE(5, 1); break;
-                            case 4: INPUT_GRAD_TILE(4, 1); break;   case 3: INPUT_GRAD_TILE(3, 1); break;
-                            case 2: INPUT_GRAD_TILE(2, 1); break;   default: INPUT_GRAD_TILE(1, 1);
-                        }
-                    }
+                    const int cb = C - c0 < 6 ? C - c0 : 6;
+                    if (NP - n0 >= 16) { INPUT_GRAD_TILES(2) } else { INPUT_GRAD_TILES(1) }
                 }
     for (int c = 0; c < C; c++)       /* per input channel: rows p, columns n -> di[n][c][p] */
         transpose(dn + (size_t)c * H * W * NP, di + (size_t)c * H * W, H * W, N, NP, (size_t)C * H * W);
@@ -524,20 +520,20 @@ int relu_max_pool_2x2_backward(const float *g, const float *out, const unsigned 
 /* Random crop (zero padding `pad`) and horizontal flip of images[index[b]] (uint8, B x C x H x W),
    normalised by lookup: out[b][c][i][j] = table[c][pixel] with pixel = images[index[b]][c][r][x],
    r = offsets[b] + i - pad, x = offsets[B + b] + (flips[b] ? W - 1 - j : j) - pad, 0 outside. */
-int crop_flip_normalise(const unsigned char *images, const long *index, const long *offsets,
+int crop_flip_normalise(const unsigned char *images, const int64_t *index, const int64_t *offsets,
                         const unsigned char *flips, const float *table, float *out, int B, int C, int H, int W,
                         int pad) {
     for (int b = 0; b < B; b++) {
         /* column j reads source column first + step * j; columns outside 0..W-1 are padding */
-        const long step = flips[b] ? -1 : 1, first = offsets[B + b] - pad + (flips[b] ? W - 1 : 0);
+        const int64_t step = flips[b] ? -1 : 1, first = offsets[B + b] - pad + (flips[b] ? W - 1 : 0);
         for (int c = 0; c < C; c++) {
             const unsigned char *src = images + ((size_t)index[b] * C + c) * H * W;
             const float *lookup = table + (size_t)c * 256;
             float *dst = out + ((size_t)b * C + c) * H * W;
             for (int i = 0; i < H; i++) {
-                const long r = offsets[b] + i - pad;
+                const int64_t r = offsets[b] + i - pad;
                 for (int j = 0; j < W; j++) {
-                    const long x = first + step * j;
+                    const int64_t x = first + step * j;
                     dst[i * W + j] = lookup[r >= 0 && r < H && x >= 0 && x < W ? src[r * W + x] : 0];
                 }
             }
@@ -709,12 +705,22 @@ def c_relu_max_pool_backward(grad, out, winner, input_shape):
     return grad_input if ok else None
 
 
+_window_origins = {}
+
+
+def window_origin(height, width):
+    """Flat index (row * width + column) of the top-left corner of every 2x2 window: [H/2, W/2]."""
+    if (height, width) not in _window_origins:
+        rows = torch.arange(0, height, 2).view(-1, 1) * width
+        _window_origins[height, width] = rows + torch.arange(0, width, 2).view(1, -1)
+    return _window_origins[height, width]
+
+
 def pytorch_relu_max_pool_backward(grad, x, winner):
     """What autograd runs for F.max_pool2d(torch.relu(x), 2): PyTorch's max_pool2d backward with the
     flat indices of the winners, then relu's threshold backward (differentiable in grad)."""
     h, w = x.shape[2:]
-    origin = (torch.arange(0, h, 2).view(-1, 1) * w + torch.arange(0, w, 2).view(1, -1))
-    index = origin + (winner // 2).long() * w + (winner % 2).long()
+    index = window_origin(h, w) + (winner // 2).long() * w + (winner % 2).long()
     relu_out = torch.relu(x)
     grad_relu = torch.ops.aten.max_pool2d_with_indices_backward(grad, relu_out, [2, 2], [2, 2], [0, 0], [1, 1],
                                                                  False, index)

@@ -51,7 +51,7 @@ import contextlib
 import torch
 from torch import nn
 
-from kernels import FastConv2d, relu_max_pool_2x2
+from kernels import FastConv2d, relu_max_pool_2x2, window_origin
 from utils import UsageError
 
 
@@ -65,17 +65,6 @@ from utils import UsageError
 # upper only if its maximum is strictly greater), and hands the flat indices to PyTorch's own
 # max_pool2d backward kernel. Odd sizes, other devices and non-4-d inputs use F.max_pool2d.
 
-_window_origins = {}
-
-
-def _window_origin(height, width):
-    """Flat index (row * width + column) of the top-left corner of every 2x2 window: [H/2, W/2]."""
-    if (height, width) not in _window_origins:
-        rows = torch.arange(0, height, 2).view(-1, 1) * width
-        _window_origins[height, width] = rows + torch.arange(0, width, 2).view(1, -1)
-    return _window_origins[height, width]
-
-
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
@@ -87,7 +76,7 @@ class _MaxPool2x2(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             lower_wins = lower > upper
             right_wins = (lower_wins & (lower_right > lower_left)) | (~lower_wins & (upper_right > upper_left))
-            index = right_wins.long().add_(lower_wins.long(), alpha=w).add_(_window_origin(h, w))
+            index = right_wins.long().add_(lower_wins.long(), alpha=w).add_(window_origin(h, w))
             ctx.save_for_backward(x, index)
         return out
 

@@ -1,8 +1,8 @@
 """One FedAvg round (10 clients x 100 iterations, batch 64, Fashion-MNIST) three ways, in one process:
 
   reference-style  per-client DataLoader over per-sample PIL RandomCrop/Flip/ToTensor/Normalize,
-                   one nn.Module (deepcopy) per client, PyTorch's max pooling and first
-                   convolution, sequential (as the published code does);
+                   one nn.Module (deepcopy) per client, PyTorch's max pooling and
+                   convolutions, sequential (as the published code does);
   engine           this suite's round: engine.executors.SerialExecutor running every client through
                    run_client (FedAvg's client_update: in-memory uint8 data, augmentation on whole
                    batches, the C code of kernels.py for the convolutions, ReLU + max pooling and

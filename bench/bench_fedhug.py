@@ -2,8 +2,8 @@
 
     reference-style  as the published code runs it: the teacher's and student's parameters keep
                      requires_grad during synthesis (every backward also computes weight
-                     gradients), PyTorch's own max pooling (nn.MaxPool2d) and first
-                     convolution (oneDNN), and the synthetic set
+                     gradients), PyTorch's own max pooling (nn.MaxPool2d) and
+                     convolutions (oneDNN), and the synthetic set
                      is served by a torch DataLoader with 4 worker processes, a fresh iterator
                      (and fresh workers) every pass
     this             fedhug.py: gradients for the synthesised inputs only, the C code of
