@@ -93,9 +93,9 @@ class FedHUG(FedAvg):
         units = cpu_bf16_units()
         if units and not args.synthesis_bf16 and args.start_round < args.comm_round and (
                 args.device == "cpu" or not torch.cuda.is_available()):
-            print(f"hint: this CPU has bf16 units ({', '.join(units)}): --synthesis_bf16 makes FedHUG's synthesis "
-                  "about 2x faster on such CPUs, with other numbers (off by default: fp32 as published)",
-                  file=sys.stderr)
+            print(f"hint: this CPU has bf16 units ({', '.join(units)}): --synthesis_bf16 made FedHUG's synthesis "
+                  "about 2x faster on one such CPU, with other numbers (off by default: fp32 as published; "
+                  "python bench/bench_fedhug.py measures both here)", file=sys.stderr)
 
     def prepare_client(self, ctx, model):
         """Steps 1-5 of SPEC section 6: drift, budget, class distribution, loss weights, synthesis."""

@@ -35,8 +35,10 @@ the C code does not cover) is nn.Conv2d's own.
 ReLU + 2x2 max pooling (`relu_max_pool_2x2`) and the augmentation (`crop_flip_normalise`) select
 and look up values, with no arithmetic of their own, so they give PyTorch's numbers on every CPU
 (ties, NaN and signed zeros follow PyTorch's rules; the normalisation is a table that PyTorch's
-normalise computed). `disabled()` switches all of it off for a benchmark of the plain code;
-`FEDHUG_NATIVE_KERNELS=0` for a whole process.
+normalise computed). The pooling also takes bfloat16, which FedHUG's synthesis hands it under
+`--synthesis_bf16` (autocast): widened to float32, selected, narrowed back, NaNs written as
+PyTorch's bfloat16 relu writes them (0x7FC0). `disabled()` switches all of it off for a
+benchmark of the plain code; `FEDHUG_NATIVE_KERNELS=0` for a whole process.
 """
 import contextlib
 import ctypes
@@ -424,15 +426,14 @@ int conv_input_grad(const float *g, const float *wt, float *di, int N, int C, in
    winner (0-3). The gradient is PyTorch's max_pool2d backward (0 + g into the winner, zeros
    elsewhere) followed by relu's threshold backward (0 where the relu output, the pooled value, is
    <= 0). Pure selection, no rounding: the same bits on every CPU. Four windows at a time with SSE
-   (branch-free: random maxima defeat a branch predictor), one at a time on other CPUs. */
+   (branch-free: random maxima defeat a branch predictor), one at a time on other CPUs. Float32 and
+   bfloat16 (FedHUG's synthesis under autocast), the latter widened to float32 and narrowed back. */
 #if defined(__SSE4_1__)
 #include <smmintrin.h>
-#define POOL_LANES 4
 INLINE __m128 relu4(__m128 v) { return _mm_andnot_ps(_mm_cmplt_ps(v, _mm_setzero_ps()), v); }
 
-INLINE void pool4(const float *upper, const float *lower, float *out, unsigned char *arg) {
-    const __m128 u0 = _mm_loadu_ps(upper), u1 = _mm_loadu_ps(upper + 4);
-    const __m128 l0 = _mm_loadu_ps(lower), l1 = _mm_loadu_ps(lower + 4);
+/* The four windows of two rows of 8 values: their pooled values; winners into arg */
+INLINE __m128 pool4_values(__m128 u0, __m128 u1, __m128 l0, __m128 l1, unsigned char *arg) {
     const __m128 candidates[3] = {relu4(_mm_shuffle_ps(u0, u1, 0xDD)), relu4(_mm_shuffle_ps(l0, l1, 0x88)),
                                   relu4(_mm_shuffle_ps(l0, l1, 0xDD))};
     __m128 best = relu4(_mm_shuffle_ps(u0, u1, 0x88));
@@ -443,26 +444,79 @@ INLINE void pool4(const float *upper, const float *lower, float *out, unsigned c
         best = _mm_blendv_ps(best, v, wins);
         winner = _mm_blendv_epi8(winner, _mm_set1_epi32(k + 1), _mm_castps_si128(wins));
     }
-    _mm_storeu_ps(out, best);
     const int bytes = _mm_cvtsi128_si32(_mm_packus_epi16(_mm_packus_epi32(winner, winner), winner));
     memcpy(arg, &bytes, 4);
+    return best;
 }
 
-INLINE void unpool4(const float *g, const float *out, const unsigned char *arg, float *upper, float *lower) {
+/* The gradients of four windows (the value 0 + g where the pooled value is > 0, at the winner; zeros
+   elsewhere) as the two rows of 8 they came from: at[0..1] the upper row, at[2..3] the lower */
+INLINE void unpool4_values(__m128 g, __m128 out, const unsigned char *arg, __m128 *rows) {
     int bytes;
     memcpy(&bytes, arg, 4);
     const __m128i winner = _mm_cvtepu8_epi32(_mm_cvtsi32_si128(bytes));
-    const __m128 value = _mm_andnot_ps(_mm_cmple_ps(_mm_loadu_ps(out), _mm_setzero_ps()),
-                                       _mm_add_ps(_mm_setzero_ps(), _mm_loadu_ps(g)));
+    const __m128 value = _mm_andnot_ps(_mm_cmple_ps(out, _mm_setzero_ps()), _mm_add_ps(_mm_setzero_ps(), g));
     __m128 at[4];
     for (int k = 0; k < 4; k++) at[k] = _mm_and_ps(value, _mm_castsi128_ps(_mm_cmpeq_epi32(winner, _mm_set1_epi32(k))));
-    _mm_storeu_ps(upper, _mm_unpacklo_ps(at[0], at[1]));
-    _mm_storeu_ps(upper + 4, _mm_unpackhi_ps(at[0], at[1]));
-    _mm_storeu_ps(lower, _mm_unpacklo_ps(at[2], at[3]));
-    _mm_storeu_ps(lower + 4, _mm_unpackhi_ps(at[2], at[3]));
+    rows[0] = _mm_unpacklo_ps(at[0], at[1]);
+    rows[1] = _mm_unpackhi_ps(at[0], at[1]);
+    rows[2] = _mm_unpacklo_ps(at[2], at[3]);
+    rows[3] = _mm_unpackhi_ps(at[2], at[3]);
 }
+
+INLINE void pool4(const float *upper, const float *lower, float *out, unsigned char *arg) {
+    _mm_storeu_ps(out, pool4_values(_mm_loadu_ps(upper), _mm_loadu_ps(upper + 4), _mm_loadu_ps(lower),
+                                    _mm_loadu_ps(lower + 4), arg));
+}
+
+INLINE void unpool4(const float *g, const float *out, const unsigned char *arg, float *upper, float *lower) {
+    __m128 rows[4];
+    unpool4_values(_mm_loadu_ps(g), _mm_loadu_ps(out), arg, rows);
+    _mm_storeu_ps(upper, rows[0]);
+    _mm_storeu_ps(upper + 4, rows[1]);
+    _mm_storeu_ps(lower, rows[2]);
+    _mm_storeu_ps(lower + 4, rows[3]);
+}
+
+/* bfloat16 is the upper half of a float32: widening appends 16 zero bits; narrowing drops them, exact
+   for values that came from bfloat16, as selections and 0 + g do */
+INLINE __m128 widen4(const uint16_t *p) {
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i *)p)));
+}
+
+INLINE void widen8(const uint16_t *p, __m128 *low, __m128 *high) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p);
+    *low = _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), v));
+    *high = _mm_castsi128_ps(_mm_unpackhi_epi16(_mm_setzero_si128(), v));
+}
+
+INLINE __m128i narrow8(__m128 low, __m128 high) {
+    return _mm_packus_epi32(_mm_srli_epi32(_mm_castps_si128(low), 16), _mm_srli_epi32(_mm_castps_si128(high), 16));
+}
+
+/* PyTorch's bfloat16 relu writes every NaN as 0x7FC0 (its float -> bfloat16 rounding) */
+INLINE __m128 canonical_nan4(__m128 v) {
+    return _mm_blendv_ps(v, _mm_castsi128_ps(_mm_set1_epi32(0x7FC00000)), _mm_cmpunord_ps(v, v));
+}
+
+INLINE void pool4_bf16(const uint16_t *upper, const uint16_t *lower, uint16_t *out, unsigned char *arg) {
+    __m128 u0, u1, l0, l1;
+    widen8(upper, &u0, &u1);
+    widen8(lower, &l0, &l1);
+    const __m128 best = canonical_nan4(pool4_values(u0, u1, l0, l1, arg));
+    _mm_storel_epi64((__m128i *)out, narrow8(best, best));
+}
+
+INLINE void unpool4_bf16(const uint16_t *g, const uint16_t *out, const unsigned char *arg, uint16_t *upper,
+                         uint16_t *lower) {
+    __m128 rows[4];
+    unpool4_values(widen4(g), widen4(out), arg, rows);
+    _mm_storeu_si128((__m128i *)upper, narrow8(rows[0], rows[1]));
+    _mm_storeu_si128((__m128i *)lower, narrow8(rows[2], rows[3]));
+}
+#define VECTOR_WINDOWS(...) __VA_ARGS__
 #else
-#define POOL_LANES 1
+#define VECTOR_WINDOWS(...)
 #endif
 
 #define RELU(v) ((v) < 0.0f ? 0.0f : (v))
@@ -484,38 +538,70 @@ static void unpool1(const float *g, const float *out, const unsigned char *arg, 
     lower[1] = *arg == 3 ? value : 0.0f;
 }
 
-int relu_max_pool_2x2(const float *x, float *out, unsigned char *arg, long planes, int H, int W) {
-    if (H % 2 || W % 2) return 2;
-    const int OH = H / 2, OW = W / 2;
-    for (long p = 0; p < planes; p++)
-        for (int y = 0; y < OH; y++) {
-            const float *upper = x + ((size_t)p * H + 2 * y) * W, *lower = upper + W;
-            const size_t at = ((size_t)p * OH + y) * OW;
-            int k = 0;
-#if POOL_LANES == 4
-            for (; k + 4 <= OW; k += 4) pool4(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);
-#endif
-            for (; k < OW; k++) pool1(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);
-        }
-    return 0;
+static float widen1(uint16_t v) {
+    const uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
 }
 
-int relu_max_pool_2x2_backward(const float *g, const float *out, const unsigned char *arg, float *gi, long planes,
-                               int H, int W) {
-    if (H % 2 || W % 2) return 2;
-    const int OH = H / 2, OW = W / 2;
-    for (long p = 0; p < planes; p++)
-        for (int y = 0; y < OH; y++) {
-            float *upper = gi + ((size_t)p * H + 2 * y) * W, *lower = upper + W;
-            const size_t at = ((size_t)p * OH + y) * OW;
-            int k = 0;
-#if POOL_LANES == 4
-            for (; k + 4 <= OW; k += 4) unpool4(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);
-#endif
-            for (; k < OW; k++) unpool1(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);
-        }
-    return 0;
+static uint16_t narrow1(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    return bits >> 16;
 }
+
+static void pool1_bf16(const uint16_t *upper, const uint16_t *lower, uint16_t *out, unsigned char *arg) {
+    const float u[2] = {widen1(upper[0]), widen1(upper[1])}, l[2] = {widen1(lower[0]), widen1(lower[1])};
+    float best;
+    pool1(u, l, &best, arg);
+    *out = best != best ? 0x7FC0 : narrow1(best);
+}
+
+static void unpool1_bf16(const uint16_t *g, const uint16_t *out, const unsigned char *arg, uint16_t *upper,
+                         uint16_t *lower) {
+    const float g1 = widen1(*g), out1 = widen1(*out);
+    float u[2], l[2];
+    unpool1(&g1, &out1, arg, u, l);
+    upper[0] = narrow1(u[0]), upper[1] = narrow1(u[1]), lower[0] = narrow1(l[0]), lower[1] = narrow1(l[1]);
+}
+
+/* The forward and backward over planes of H x W for one element type T: four windows at a time
+   where SSE is there, then one at a time */
+#define DEFINE_RELU_MAX_POOL(NAME, T, POOL4, POOL1, UNPOOL4, UNPOOL1)                                    \
+int NAME(const T *x, T *out, unsigned char *arg, long planes, int H, int W) {                            \
+    if (H % 2 || W % 2) return 2;                                                                        \
+    const int OH = H / 2, OW = W / 2;                                                                    \
+    for (long p = 0; p < planes; p++)                                                                    \
+        for (int y = 0; y < OH; y++) {                                                                   \
+            const T *upper = x + ((size_t)p * H + 2 * y) * W, *lower = upper + W;                       \
+            const size_t at = ((size_t)p * OH + y) * OW;                                                 \
+            int k = 0;                                                                                   \
+            VECTOR_WINDOWS(for (; k + 4 <= OW; k += 4)                                                   \
+                               POOL4(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);)         \
+            for (; k < OW; k++) POOL1(upper + 2 * k, lower + 2 * k, out + at + k, arg + at + k);        \
+        }                                                                                                \
+    return 0;                                                                                            \
+}                                                                                                        \
+                                                                                                         \
+int NAME##_backward(const T *g, const T *out, const unsigned char *arg, T *gi, long planes, int H, int W) { \
+    if (H % 2 || W % 2) return 2;                                                                        \
+    const int OH = H / 2, OW = W / 2;                                                                    \
+    for (long p = 0; p < planes; p++)                                                                    \
+        for (int y = 0; y < OH; y++) {                                                                   \
+            T *upper = gi + ((size_t)p * H + 2 * y) * W, *lower = upper + W;                             \
+            const size_t at = ((size_t)p * OH + y) * OW;                                                 \
+            int k = 0;                                                                                   \
+            VECTOR_WINDOWS(for (; k + 4 <= OW; k += 4)                                                   \
+                               UNPOOL4(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);) \
+            for (; k < OW; k++)                                                                          \
+                UNPOOL1(g + at + k, out + at + k, arg + at + k, upper + 2 * k, lower + 2 * k);           \
+        }                                                                                                \
+    return 0;                                                                                            \
+}
+
+DEFINE_RELU_MAX_POOL(relu_max_pool_2x2, float, pool4, pool1, unpool4, unpool1)
+DEFINE_RELU_MAX_POOL(relu_max_pool_2x2_bf16, uint16_t, pool4_bf16, pool1_bf16, unpool4_bf16, unpool1_bf16)
 
 /* Random crop (zero padding `pad`) and horizontal flip of images[index[b]] (uint8, B x C x H x W),
    normalised by lookup: out[b][c][i][j] = table[c][pixel] with pixel = images[index[b]][c][r][x],
@@ -579,8 +665,9 @@ def library():
             lib.conv_forward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
             lib.conv_weight_grad.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 6
             lib.conv_input_grad.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 6
-            lib.relu_max_pool_2x2.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 2
-            lib.relu_max_pool_2x2_backward.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 2
+            for name in ("relu_max_pool_2x2", "relu_max_pool_2x2_bf16"):
+                getattr(lib, name).argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] + [ctypes.c_int] * 2
+                getattr(lib, name + "_backward").argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] + [ctypes.c_int] * 2
             lib.crop_flip_normalise.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5
             _library = lib
         except (OSError, subprocess.SubprocessError):
@@ -691,17 +778,22 @@ class FastConv2d(nn.Conv2d):
 
 
 # ------------------------------------------------------------------ ReLU then 2x2 max pooling
+def _pool_function(dtype, backward=False):
+    name = "relu_max_pool_2x2" + ("_bf16" if dtype == torch.bfloat16 else "") + ("_backward" if backward else "")
+    return getattr(library(), name)
+
+
 def c_relu_max_pool(x):
     """(pooled relu(x), winner 0-3 of each window as uint8) by the C code, or None."""
     n, c, h, w = x.shape
     out, winner = x.new_empty(n, c, h // 2, w // 2), torch.empty(n, c, h // 2, w // 2, dtype=torch.uint8)
-    return (out, winner) if _call(library().relu_max_pool_2x2, x, out, winner, n * c, h, w) else None
+    return (out, winner) if _call(_pool_function(x.dtype), x, out, winner, n * c, h, w) else None
 
 
 def c_relu_max_pool_backward(grad, out, winner, input_shape):
     grad_input = grad.new_empty(input_shape)
     n, c, h, w = input_shape
-    ok = _call(library().relu_max_pool_2x2_backward, grad, out, winner, grad_input, n * c, h, w)
+    ok = _call(_pool_function(grad.dtype, backward=True), grad, out, winner, grad_input, n * c, h, w)
     return grad_input if ok else None
 
 
@@ -744,9 +836,10 @@ class _ReLUMaxPool2x2(torch.autograd.Function):
 
 def relu_max_pool_2x2(x):
     """F.max_pool2d(torch.relu(x), 2) with the same outputs and gradients, in one pass of C on the
-    CPU (float32, 4-d contiguous, even height and width); None where it cannot (the caller then
-    runs PyTorch's)."""
-    if not (_enabled and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+    CPU (float32 or bfloat16, 4-d contiguous, even height and width); None where it cannot (the
+    caller then runs PyTorch's). bfloat16 (FedHUG's synthesis under autocast) is widened to float32,
+    selected as float32 is, and narrowed: the same bits as PyTorch's bfloat16 ops, NaN as its 0x7FC0."""
+    if not (_enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and x.dim() == 4
             and x.is_contiguous() and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and library()):
         return None
     if torch.is_grad_enabled() and x.requires_grad:

@@ -63,7 +63,11 @@ from utils import UsageError
 # with vectorised maximum. For backward it records which corner won, with PyTorch's rule (the
 # first maximum in scan order a b / c d wins: b beats a only if b > a, the lower pair beats the
 # upper only if its maximum is strictly greater), and hands the flat indices to PyTorch's own
-# max_pool2d backward kernel. Odd sizes, other devices and non-4-d inputs use F.max_pool2d.
+# max_pool2d backward kernel. Two edge cases differ from max_pool2d: the sign of a zero output
+# where -0 ties +0 (torch.maximum's, which varies with the tensor's size), and in a window with
+# NaNs the NaN's bits and which NaN gets the gradient (max_pool2d: the last). The relu + pooling
+# in C (ReLUMaxPool2x2) follows max_pool2d there too. Odd sizes, other devices and non-4-d inputs
+# use F.max_pool2d.
 
 class _MaxPool2x2(torch.autograd.Function):
     @staticmethod
@@ -88,7 +92,7 @@ class _MaxPool2x2(torch.autograd.Function):
 
 
 def max_pool_2x2(x):
-    """F.max_pool2d(x, 2), bit for bit, faster on CPU (see above)."""
+    """F.max_pool2d(x, 2), bit for bit but for signed zeros and NaNs, faster on CPU (see above)."""
     if x.dim() != 4 or x.device.type != "cpu" or x.shape[2] % 2 or x.shape[3] % 2 or not x.is_contiguous():
         return nn.functional.max_pool2d(x, 2)
     return _MaxPool2x2.apply(x)

@@ -11,7 +11,10 @@
                      CPU), the synthetic set as in-memory tensors
     this, no C kernels  the same with PyTorch's convolutions, ReLU and models.MaxPool2x2
                      (kernels.disabled())
-    this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default)
+    this, bf16       the same with --synthesis_bf16 (other numbers: an option, never the default;
+                     under autocast the convolutions are oneDNN's bfloat16 ones, the ReLU + max
+                     pooling is kernels.py's C code)
+    this, bf16, no C kernels  the same under kernels.disabled()
 
 Every client starts from the initial weights as its last model (drift 0), so each synthesises
 from a budget of exactly --budget. Also printed: the synthesis FLOPs (torch's FLOP counter)
@@ -255,7 +258,8 @@ def main(argv=None):
     variants = [("reference-style", ReferenceStyleFedHUG, args, True), ("this", FedHUG, args, False),
                 ("this, no C kernels", FedHUG, args, True)]
     if not b.no_bf16:
-        variants.append(("this, bf16 (other numbers)", FedHUG, bf16_args, False))
+        variants += [("this, bf16 (other numbers)", FedHUG, bf16_args, False),
+                     ("this, bf16, no C kernels", FedHUG, bf16_args, True)]
     rows = {}
     for name, cls, arguments, without_c in variants:
         algorithm, client_data = build_client_side(cls, arguments, weights, cpu, dataset=data)
@@ -291,6 +295,9 @@ def main(argv=None):
     print(f"synthesis floor at the matmul rate: {floor:.2f} s; this implementation: {this_synthesis:.2f} s "
           f"({100 * floor / this_synthesis:.1f}% of the floor's rate)")
     print(f"client 0's synthetic inputs, reference-style vs this: max |difference| {same_inputs:.2e}")
+    if not b.no_bf16:
+        same_bf16 = (rows["this, bf16 (other numbers)"][3] - rows["this, bf16, no C kernels"][3]).abs().max().item()
+        print(f"client 0's bf16 synthetic inputs, with vs without the C code: max |difference| {same_bf16:.2e}")
     if not identical:
         verdict = "not usable: a client's results would differ from its run alone"
     elif teacher_seconds["together"] < 0.9 * teacher_seconds["alone"]:

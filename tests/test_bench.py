@@ -24,9 +24,17 @@ BENCHMARKS = {
         rf"reference-style\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+1\.00x\s+{NUMBER}",
         rf"this\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{RATIO}\s+{NUMBER}",
         rf"this, bf16 \(other numbers\)\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{RATIO}\s+{NUMBER}",
+        rf"this, bf16, no C kernels\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+{RATIO}\s+{NUMBER}",
+        r"client 0's bf16 synthetic inputs, with vs without the C code: max \|difference\| 0\.00e\+00",
         rf"synthesis floor at the matmul rate: {NUMBER} s; this implementation: {NUMBER} s \(.*% of the floor's rate\)",
         r"client 0's synthetic inputs, reference-style vs this: max \|difference\| .*",
         r"one teacher pass over 2 clients' inputs: identical to each alone: (True|False) .* -> .*",
+    ]),
+    "kernels": ("bench/bench_kernels.py", ["--tiny"], [
+        r"batch 8 \(bfloat16 rows: 8\), 1 thread\(s\), medians of 1 interleaved repeats of 1 calls",
+        *(rf"{re.escape(name)}\s+{NUMBER}\s+{NUMBER}\s+{RATIO}" for name in (
+            "conv1 forward", "conv2 input grad", "relu+pool after conv1", "relu+pool after conv2, bfloat16",
+            "augmentation of 8 images")),
     ]),
     "parallel": ("bench/bench_parallel.py", ["--tiny", "--no_ray"], [
         rf"10 clients' local_model state \(.*\): tensors {NUMBER} MiB, RSS growth -?{NUMBER} MiB, "

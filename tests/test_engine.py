@@ -3,11 +3,13 @@ import argparse
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import run_script, run_scripts
+from conftest import ROOT, run_script, run_scripts
 from engine import ClientResult, ServerContext, sample_clients, weighted_average
 from fedavg import FedAvg
 
@@ -175,13 +177,52 @@ BAD_INPUTS = [
 ]
 
 
-@pytest.mark.parametrize("flags,message", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(tmp_path, flags, message):
-    result = run_script("fedavg.py", "--comm_round", "1", *flags, logdir=tmp_path)
-    assert result.returncode == 2
+# fedavg.py's entry point (engine.loop.main, what `python fedavg.py ...` returns as its exit
+# status) on every bad input in turn, in one process: one torch import for all of them. The first
+# case also runs as its own process (the exit status the shell sees).
+BAD_INPUT_DRIVER = """
+import contextlib, io, json, sys, traceback
+from engine.loop import main
+from fedavg import FedAvg
+results = []
+for argv in json.load(sys.stdin):
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            status = main(FedAvg, argv)
+        except BaseException:
+            traceback.print_exc()
+            status = None
+    results.append([status, stderr.getvalue()])
+json.dump(results, sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_input_results(tmp_path_factory):
+    logdir = tmp_path_factory.mktemp("bad-input")
+    argvs = [["--comm_round", "1", *flags, "--threads", "1", "--logdir", str(logdir / str(i)),
+              "--log_file_name", "run"] for i, (flags, _) in enumerate(BAD_INPUTS)]
+    driver = subprocess.run([sys.executable, "-c", BAD_INPUT_DRIVER], cwd=ROOT, input=json.dumps(argvs),
+                            capture_output=True, text=True, timeout=600)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    return json.loads(driver.stdout)
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(bad_input_results, case):
+    status, stderr = bad_input_results[case]
+    assert status == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_bad_input_exits_2_from_the_shell(tmp_path):
+    result = run_script("fedavg.py", "--comm_round", "1", *BAD_INPUTS[0][0], logdir=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], result.stderr
-    assert "Traceback" not in result.stderr
+    assert len(errors) == 1 and BAD_INPUTS[0][1] in errors[0], result.stderr
 
 
 def test_main_py_runs_registry_names_and_refuses_unknown_ones(tmp_path):

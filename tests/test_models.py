@@ -1,6 +1,8 @@
 """models.MaxPool2x2 and ReLUMaxPool2x2 must give F.max_pool2d(x, 2)'s numbers bit for bit: outputs, gradients (the
 winner of a tie is the first maximum in scan order) and second derivatives (the privacy attacks
 differentiate through gradients)."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,7 +24,7 @@ def tied_input(shape, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 6, 24, 24), (3, 2, 4, 6)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_outputs_and_gradients_equal_max_pool2d(shape, dtype):
     x = tied_input(shape, dtype)
     grad_out = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2, dtype=dtype)
@@ -97,13 +99,16 @@ def relu_pool_results(pool, x, grad_out):
 
 
 def same_bits(a, b):
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    integers = torch.int16 if a.dtype == torch.bfloat16 else torch.int32
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(integers), b.view(integers))
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 6, 24, 24), (3, 2, 4, 6), (64, 16, 8, 8)])
-def test_relu_pool_equals_relu_then_max_pool2d_bit_for_bit(shape):
-    x = raw_input_with_edge_cases(shape)
-    grad_out = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_relu_pool_equals_relu_then_max_pool2d_bit_for_bit(shape, dtype):
+    """bfloat16 (FedHUG's synthesis under autocast) too: its NaNs come out as PyTorch's relu makes them."""
+    x = raw_input_with_edge_cases(shape).to(dtype)
+    grad_out = torch.randn(shape[0], shape[1], shape[2] // 2, shape[3] // 2).to(dtype)
     grad_out[0, 0, 1, 1] = -0.0                       # 0 + (-0) is +0 in PyTorch's pooling backward
     plain = relu_pool_results(lambda t: F.max_pool2d(torch.relu(t), 2), x, grad_out)
     fused = relu_pool_results(models.ReLUMaxPool2x2(), x, grad_out)
@@ -121,6 +126,27 @@ def test_the_c_pooling_gives_the_hand_winners():
     grad = kernels.c_relu_max_pool_backward(torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]]), out, winner, x.shape)
     assert grad[0, 0].tolist() == [[0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 2.0, 0.0],     # relu output -0: no gradient
                                    [0.0, 3.0, 0.0, 0.0], [0.0, 0.0, 4.0, 0.0]]
+
+
+def test_the_c_pooling_serves_bfloat16_and_a_bf16_synthesis_step_keeps_its_numbers():
+    """Under bfloat16 autocast the pooling gets bfloat16 activations: the C code takes them, and the
+    input gradient of a SimpleCNN (what synthesis follows) equals the one PyTorch's ops give."""
+    if models.relu_max_pool_2x2(torch.zeros(1, 1, 2, 2)) is None:
+        pytest.skip("no C compiler: ReLUMaxPool2x2 runs torch.relu and MaxPool2x2")
+    assert models.relu_max_pool_2x2(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16)) is not None
+    torch.manual_seed(4)
+    model = models.build_model("simplecnn-mnist", 10)
+    images, labels = torch.randn(12, 1, 28, 28), torch.randint(0, 10, (12,))
+    results = []
+    for use_c in (True, False):
+        x = images.clone().requires_grad_()
+        with contextlib.ExitStack() as stack:
+            if not use_c:
+                stack.enter_context(kernels.disabled())
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(x), labels)
+            results.append(torch.autograd.grad(loss, x)[0])
+    assert torch.equal(results[0], results[1]) and results[0].abs().sum() > 0
 
 
 def test_relu_pool_second_derivatives_equal_plain():
