@@ -1,6 +1,7 @@
 """The results documents' table scripts on hand-made run directories: docs/fedf2dg/tables.py
-(stage columns, the selected pre-training round, seconds per stage, uploads by kind) and
-docs/inco_tables.py (mean over groups, per group, paired InCo* - Hetero* differences)."""
+(stage columns, the selected pre-training round, seconds per stage, uploads by kind),
+docs/inco_tables.py (mean over groups, per group, paired InCo* - Hetero* differences) and
+docs/plot_paper_steps.py (the FedHUG steps plot from its table)."""
 import importlib.util
 import json
 import os
@@ -95,3 +96,20 @@ def test_inco_tables_trajectory_by_hand(tmp_path, capsys):
     # round 4: +2 and -2 points -> 0.00 ± 2.83; round 9: +5 and -2 -> 1.50 ± 4.95
     assert "| base method | round 4 | round 9 |" in out
     assert "| Avg | 0.00 ± 2.83 | 1.50 ± 4.95 |" in out
+
+
+def test_paper_steps_plot_reads_the_main_setting_table_only():
+    """docs/plot_paper_steps.py takes FedHUG's and FedAvg's rows of the first table (steps, final
+    and last-10 mean ± std) and nothing from the shortened run's table below it."""
+    plot = load("docs/plot_paper_steps.py", "plot_paper_steps")
+    markdown = "\n".join([
+        "| variant | synthesis steps | final | last-10 mean | last-10 std | s / round |",
+        "| FedHUG | 50 | 77.33 ± 0.04 | 77.45 ± 0.38 | 0.25 ± 0.01 | 50.4 ± 3.7 |",
+        "| no entropy term | 50 | 77.57 ± 0.28 | 77.51 ± 0.57 | 0.22 ± 0.06 | 64.0 ± 14.7 *** |",
+        "| no synthesis (FedAvg) | 0 | 77.01 ± 1.14 | 76.98 ± 1.15 | 1.36 ± 0.57 | 12.1 ± 2.6 * |",
+        "| FedHUG | 500 (the paper's) | 77.15 ± 0.50 | 77.44 ± 0.63 | 0.17 ± 0.10 | 171.6 ± 45.5 |",
+        "## A first, shortened run of the ablations",
+        "| FedHUG, 25 steps | 25 | 62.11 ± 4.16 | 59.30 ± 5.99 | 2.88 ± 0.93 | 30.2 ± 1.3 |",
+        "| FedHUG | 100 | 61.00 ± 5.21 | 58.49 ± 6.10 | 2.53 ± 0.80 | 125.9 ± 41.8 |"])
+    assert plot.steps_rows(markdown) == {50: ((77.33, 0.04), (77.45, 0.38)), 0: ((77.01, 1.14), (76.98, 1.15)),
+                                         500: ((77.15, 0.50), (77.44, 0.63))}
