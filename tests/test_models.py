@@ -1,6 +1,7 @@
 """models.MaxPool2x2 and ReLUMaxPool2x2 must give F.max_pool2d(x, 2)'s numbers bit for bit: outputs, gradients (the
 winner of a tie is the first maximum in scan order) and second derivatives (the privacy attacks
-differentiate through gradients)."""
+differentiate through gradients). ReLUMaxPool2x2's C code also with NaNs and signed zeros, in float32
+and bfloat16; MaxPool2x2 on inputs without them (models.py states its two edge cases)."""
 import contextlib
 
 import pytest
