@@ -40,9 +40,14 @@ def parse_args(argv=None):
     return args
 
 
+def c_code(use_c):
+    """A context with kernels.py's C code on (as the suite runs) or off (kernels.disabled())."""
+    return contextlib.nullcontext() if use_c else kernels.disabled()
+
+
 def pooling_step(x, grad, use_c):
     """ReLU + 2x2 max pooling forward and backward, as ReLUMaxPool2x2 runs them."""
-    with contextlib.nullcontext() if use_c else kernels.disabled():
+    with c_code(use_c):
         out = models.ReLUMaxPool2x2()(x)
     torch.autograd.grad(out, x, grad)
 
@@ -56,11 +61,11 @@ def operations(batch, synthesis_batch):
 
     x1, w1, b1, g1 = randn(batch, 1, 28, 28), randn(6, 1, 5, 5), randn(6), randn(batch, 6, 24, 24)
     x2, w2, b2, g2 = randn(batch, 6, 12, 12), randn(16, 6, 5, 5), randn(16), randn(batch, 16, 8, 8)
-    pooled = {}
-    for name, size, dtype in (("after conv1", batch, torch.float32), ("after conv2", batch, torch.float32),
-                              ("after conv1, bfloat16", synthesis_batch, torch.bfloat16),
-                              ("after conv2, bfloat16", synthesis_batch, torch.bfloat16)):
-        channels, side = (6, 24) if "conv1" in name else (16, 8)
+    pooled = {}     # name: (the convolution's output, the pooling's output gradient)
+    for name, size, channels, side, dtype in (
+            ("after conv1", batch, 6, 24, torch.float32), ("after conv2", batch, 16, 8, torch.float32),
+            ("after conv1, bfloat16", synthesis_batch, 6, 24, torch.bfloat16),
+            ("after conv2, bfloat16", synthesis_batch, 16, 8, torch.bfloat16)):
         pooled[name] = (randn(size, channels, side, side, dtype=dtype).requires_grad_(),
                         randn(size, channels, side // 2, side // 2, dtype=dtype))
     images = torch.randint(0, 256, (3000, 1, 28, 28), dtype=torch.uint8, generator=generator)
@@ -68,7 +73,7 @@ def operations(batch, synthesis_batch):
     draws = torch.Generator().manual_seed(0)
 
     def augment(use_c):
-        with contextlib.nullcontext() if use_c else kernels.disabled():
+        with c_code(use_c):
             return cvdataset.augment_batch(images, (0.286,), (0.353,), draws, index=index)
 
     table = {

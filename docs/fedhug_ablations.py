@@ -157,15 +157,28 @@ def write_table(args):
 
 
 def plot_steps(points, path):
+    """steps.png from {steps: per-seed rows of collect()}: mean ± std over seeds."""
+    def mean_and_spread(values):
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0
+    draw_steps({g: tuple(mean_and_spread([r[index] for r in rows]) for index in (0, 1)) for g, rows in points.items()},
+               path)
+
+
+def draw_steps(summary, path, log_beyond=None):
+    """Final and last-10 accuracy against synthesis steps, with error bars: summary = {steps:
+    ((final mean, std), (last-10 mean, std))}; log_beyond: a logarithmic steps axis beyond it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    steps = sorted(points)
+    steps = sorted(summary)
     figure, ax = plt.subplots(figsize=(6, 4))
     for index, label in ((0, "final round"), (1, "mean of the last 10 rounds")):
-        means = [statistics.fmean(r[index] for r in points[g]) for g in steps]
-        spreads = [statistics.stdev([r[index] for r in points[g]]) if len(points[g]) > 1 else 0 for g in steps]
-        ax.errorbar(steps, means, yerr=spreads, marker="o", capsize=3, label=label)
+        ax.errorbar(steps, [summary[g][index][0] for g in steps], yerr=[summary[g][index][1] for g in steps],
+                    marker="o", capsize=3, label=label)
+    if log_beyond:
+        ax.set_xscale("symlog", linthresh=log_beyond)
+        ax.set_xticks(steps)
+        ax.set_xticklabels([str(g) for g in steps])
     ax.set_xlabel("synthesis steps (--g_steps; 0 = FedAvg)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)

@@ -209,20 +209,22 @@ def bad_input_results(tmp_path_factory):
     return json.loads(driver.stdout)
 
 
-@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(f) for f, _ in BAD_INPUTS])
-def test_bad_input_is_one_clear_line(bad_input_results, case):
-    status, stderr = bad_input_results[case]
+def assert_one_clear_line(status, stderr, message):
+    """Exit status 2, no traceback, exactly one "error:" line, and it says `message`."""
     assert status == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and BAD_INPUTS[case][1] in errors[0], stderr
+    assert len(errors) == 1 and message in errors[0], stderr
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)), ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_line(bad_input_results, case):
+    assert_one_clear_line(*bad_input_results[case], BAD_INPUTS[case][1])
 
 
 def test_bad_input_exits_2_from_the_shell(tmp_path):
     result = run_script("fedavg.py", "--comm_round", "1", *BAD_INPUTS[0][0], logdir=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and BAD_INPUTS[0][1] in errors[0], result.stderr
+    assert_one_clear_line(result.returncode, result.stderr, BAD_INPUTS[0][1])
 
 
 def test_main_py_runs_registry_names_and_refuses_unknown_ones(tmp_path):

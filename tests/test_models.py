@@ -141,11 +141,8 @@ def test_the_c_pooling_serves_bfloat16_and_a_bf16_synthesis_step_keeps_its_numbe
     results = []
     for use_c in (True, False):
         x = images.clone().requires_grad_()
-        with contextlib.ExitStack() as stack:
-            if not use_c:
-                stack.enter_context(kernels.disabled())
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), labels)
+        with contextlib.nullcontext() if use_c else kernels.disabled(), torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels)
             results.append(torch.autograd.grad(loss, x)[0])
     assert torch.equal(results[0], results[1]) and results[0].abs().sum() > 0
 
